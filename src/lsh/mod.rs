@@ -1,0 +1,259 @@
+//! Random-hyperplane LSH (Charikar, 2002): pure math, no I/O.
+//!
+//! An index has `tables` (L) hash tables of `hash_bits` (K) bits each. Bit `i` of table `t`
+//! is set when the (centred) embedding has a positive projection on hyperplane `t·K + i`.
+//! All L·K projections of a batch come from one matrix product `[B×D]·[D×(L·K)]`.
+
+mod votes;
+
+pub use votes::{VoteCounter, vote_threshold};
+
+use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// Largest K: a table code is a `u64`.
+pub const MAX_HASH_BITS: u32 = 64;
+/// Largest L: table ids are stored as `u16`, and more tables than this buy nothing measurable.
+pub const MAX_TABLES: u32 = 256;
+
+/// The shape of an LSH family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LshShape {
+    pub dim: usize,
+    pub hash_bits: u32,
+    pub tables: u32,
+}
+
+impl LshShape {
+    /// Number of hyperplanes, L·K.
+    pub fn planes(&self) -> usize {
+        self.hash_bits as usize * self.tables as usize
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LshError {
+    #[error("hash_bits must be in 1..={MAX_HASH_BITS}, got {0}")]
+    HashBits(u32),
+    #[error("tables must be in 1..={MAX_TABLES}, got {0}")]
+    Tables(u32),
+    #[error("dim must be positive")]
+    Dim,
+    #[error("hyperplane matrix has {got} values, expected {expected}")]
+    MatrixSize { got: usize, expected: usize },
+    #[error("vectors have dimension {got}, the hyperplanes expect {expected}")]
+    VectorDim { got: usize, expected: usize },
+}
+
+impl LshShape {
+    pub fn validate(&self) -> Result<(), LshError> {
+        if self.dim == 0 {
+            return Err(LshError::Dim);
+        }
+        if !(1..=MAX_HASH_BITS).contains(&self.hash_bits) {
+            return Err(LshError::HashBits(self.hash_bits));
+        }
+        if !(1..=MAX_TABLES).contains(&self.tables) {
+            return Err(LshError::Tables(self.tables));
+        }
+        Ok(())
+    }
+}
+
+/// The hyperplanes of one index: a `dim × (L·K)` matrix whose column `t·K + i` is the normal
+/// of hyperplane `i` of table `t`. Drawn once and then stored as is: regenerating from a seed
+/// would silently change every code if the RNG's output ever changed.
+#[derive(Debug, Clone)]
+pub struct Hyperplanes {
+    shape: LshShape,
+    matrix: Array2<f32>,
+}
+
+impl Hyperplanes {
+    /// Draws standard-normal hyperplanes from a ChaCha8 stream seeded with `seed`.
+    pub fn draw(shape: LshShape, seed: u64) -> Result<Self, LshError> {
+        shape.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let matrix = Array2::from_shape_simple_fn((shape.dim, shape.planes()), || {
+            StandardNormal.sample(&mut rng)
+        });
+        Ok(Self { shape, matrix })
+    }
+
+    /// Rebuilds hyperplanes from their stored row-major matrix.
+    pub fn from_row_major(shape: LshShape, values: Vec<f32>) -> Result<Self, LshError> {
+        shape.validate()?;
+        let expected = shape.dim * shape.planes();
+        if values.len() != expected {
+            return Err(LshError::MatrixSize { got: values.len(), expected });
+        }
+        let matrix = Array2::from_shape_vec((shape.dim, shape.planes()), values)
+            .map_err(|_| LshError::MatrixSize { got: 0, expected })?;
+        Ok(Self { shape, matrix })
+    }
+
+    pub fn shape(&self) -> LshShape {
+        self.shape
+    }
+
+    /// The matrix in row-major order, for storage.
+    pub fn to_row_major(&self) -> Vec<f32> {
+        self.matrix.iter().copied().collect()
+    }
+
+    /// Projections of every row of `batch` (`B × dim`) on every hyperplane: `B × (L·K)`.
+    pub fn project(&self, batch: ArrayView2<'_, f32>) -> Result<Array2<f32>, LshError> {
+        if batch.ncols() != self.shape.dim {
+            return Err(LshError::VectorDim { got: batch.ncols(), expected: self.shape.dim });
+        }
+        Ok(batch.dot(&self.matrix))
+    }
+
+    /// The L table codes of every row of `batch`, row-major `B × L`.
+    pub fn codes(&self, batch: ArrayView2<'_, f32>) -> Result<Array2<u64>, LshError> {
+        let projections = self.project(batch)?;
+        let tables = self.shape.tables as usize;
+        let mut codes = Array2::zeros((batch.nrows(), tables));
+        for (row, mut out) in projections.axis_iter(Axis(0)).zip(codes.axis_iter_mut(Axis(0))) {
+            for (t, code) in out.iter_mut().enumerate() {
+                *code = table_code(row, t, self.shape.hash_bits);
+            }
+        }
+        Ok(codes)
+    }
+}
+
+/// Code of table `t` from one row of projections: bit `i` is set when projection `t·K + i` > 0.
+pub fn table_code(projections: ArrayView1<'_, f32>, table: usize, hash_bits: u32) -> u64 {
+    let k = hash_bits as usize;
+    let start = table * k;
+    let mut code = 0u64;
+    for i in 0..k {
+        if projections[start + i] > 0.0 {
+            code |= 1 << i;
+        }
+    }
+    code
+}
+
+/// Cosine similarity; 0 when either vector is zero.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f32, 0f32, 0f32);
+    for (x, y) in a.iter().zip(b) {
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 { 0.0 } else { dot / (na.sqrt() * nb.sqrt()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+    use proptest::prelude::*;
+
+    fn shape(dim: usize, hash_bits: u32, tables: u32) -> LshShape {
+        LshShape { dim, hash_bits, tables }
+    }
+
+    /// Code of one vector computed plane by plane in f64, with the planes whose projection is
+    /// too close to zero to have a reliable sign reported in `unsure`.
+    fn brute_force(planes: &Hyperplanes, v: &[f32]) -> (Vec<u64>, Vec<u64>) {
+        let s = planes.shape();
+        let (mut codes, mut unsure) = (vec![0u64; s.tables as usize], vec![0u64; s.tables as usize]);
+        for t in 0..s.tables as usize {
+            for i in 0..s.hash_bits as usize {
+                let col = t * s.hash_bits as usize + i;
+                let p: f64 = (0..s.dim).map(|d| v[d] as f64 * planes.matrix[[d, col]] as f64).sum();
+                if p > 0.0 {
+                    codes[t] |= 1 << i;
+                }
+                if p.abs() < 1e-3 {
+                    unsure[t] |= 1 << i;
+                }
+            }
+        }
+        (codes, unsure)
+    }
+
+    proptest! {
+        #[test]
+        fn codes_match_brute_force(
+            dim in 1usize..40,
+            hash_bits in 1u32..=64,
+            tables in 1u32..6,
+            seed in any::<u64>(),
+            rows in prop::collection::vec(prop::collection::vec(-10f32..10f32, 40), 1..5),
+        ) {
+            let planes = Hyperplanes::draw(shape(dim, hash_bits, tables), seed).unwrap();
+            let batch = Array2::from_shape_fn((rows.len(), dim), |(r, c)| rows[r][c]);
+            let codes = planes.codes(batch.view()).unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                let (expected, unsure) = brute_force(&planes, &row[..dim]);
+                for t in 0..tables as usize {
+                    prop_assert_eq!(codes[[r, t]] & !unsure[t], expected[t] & !unsure[t]);
+                }
+            }
+        }
+
+        #[test]
+        fn stored_matrix_round_trips(dim in 1usize..20, hash_bits in 1u32..=64, tables in 1u32..4, seed in any::<u64>()) {
+            let s = shape(dim, hash_bits, tables);
+            let planes = Hyperplanes::draw(s, seed).unwrap();
+            let back = Hyperplanes::from_row_major(s, planes.to_row_major()).unwrap();
+            prop_assert_eq!(back.matrix, planes.matrix);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_planes_other_seed_other_planes() {
+        let s = shape(16, 8, 4);
+        let a = Hyperplanes::draw(s, 7).unwrap();
+        assert_eq!(a.matrix, Hyperplanes::draw(s, 7).unwrap().matrix);
+        assert_ne!(a.matrix, Hyperplanes::draw(s, 8).unwrap().matrix);
+    }
+
+    #[test]
+    fn bit_agreement_tracks_angle() {
+        // P[bit agrees] = 1 − θ/π for a random hyperplane; with 64×256 planes the empirical
+        // rate is within a few hundredths of it (fixed seed, so this cannot flake).
+        let s = shape(8, 64, 256);
+        let planes = Hyperplanes::draw(s, 42).unwrap();
+        let a = [1f32, 0., 0., 0., 0., 0., 0., 0.];
+        for theta in [0.1f32, 0.5, 1.0, 2.0] {
+            let b = [theta.cos(), theta.sin(), 0., 0., 0., 0., 0., 0.];
+            let batch = Array2::from_shape_vec((2, 8), a.iter().chain(&b).copied().collect()).unwrap();
+            let codes = planes.codes(batch.view()).unwrap();
+            let agree: u32 = (0..256).map(|t| 64 - (codes[[0, t]] ^ codes[[1, t]]).count_ones()).sum();
+            let rate = agree as f32 / (64.0 * 256.0);
+            let expected = 1.0 - theta / std::f32::consts::PI;
+            assert!((rate - expected).abs() < 0.03, "theta {theta}: {rate} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn shape_limits_are_enforced() {
+        assert_eq!(shape(4, 0, 1).validate(), Err(LshError::HashBits(0)));
+        assert_eq!(shape(4, 65, 1).validate(), Err(LshError::HashBits(65)));
+        assert_eq!(shape(4, 8, 0).validate(), Err(LshError::Tables(0)));
+        assert_eq!(shape(4, 8, 257).validate(), Err(LshError::Tables(257)));
+        assert_eq!(shape(0, 8, 1).validate(), Err(LshError::Dim));
+        assert!(shape(4, 64, 256).validate().is_ok());
+    }
+
+    #[test]
+    fn wrong_dimension_is_an_error_not_a_panic() {
+        let planes = Hyperplanes::draw(shape(4, 8, 2), 1).unwrap();
+        let batch = Array2::<f32>::zeros((1, 5));
+        assert_eq!(planes.codes(batch.view()).unwrap_err(), LshError::VectorDim { got: 5, expected: 4 });
+    }
+
+    #[test]
+    fn cosine_of_zero_vector_is_zero() {
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+        assert!((cosine(&[1.0, 1.0], &[2.0, 2.0]) - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,122 @@
+//! Key encoding inside an index's sled tree. Every key starts with a one-byte tag so that the
+//! kinds of record sort apart; numbers are big-endian so that keys sort numerically.
+//!
+//! | key                                        | value                                  |
+//! |--------------------------------------------|----------------------------------------|
+//! | `P`                                        | hyperplane matrix, f32 LE, row-major   |
+//! | `N`                                        | next item number, u32 BE               |
+//! | `C`                                        | live item count, u64 BE                |
+//! | `B` table u16 ‖ code u64 ‖ chunk u32       | item numbers of the bucket, u32 LE each |
+//! | `I` item u32                               | `ItemRecord` (protobuf)                |
+//! | `K` external id bytes                      | item number, u32 BE                    |
+
+pub const HYPERPLANES: &[u8] = b"P";
+pub const NEXT_ITEM: &[u8] = b"N";
+pub const ITEM_COUNT: &[u8] = b"C";
+const BUCKET: u8 = b'B';
+const ITEM: u8 = b'I';
+const ID: u8 = b'K';
+
+/// `B ‖ table ‖ code`: the prefix shared by all chunks of one bucket.
+pub fn bucket_prefix(table: u16, code: u64) -> [u8; 11] {
+    let mut key = [0u8; 11];
+    key[0] = BUCKET;
+    key[1..3].copy_from_slice(&table.to_be_bytes());
+    key[3..11].copy_from_slice(&code.to_be_bytes());
+    key
+}
+
+pub fn bucket_chunk(table: u16, code: u64, chunk: u32) -> [u8; 15] {
+    let mut key = [0u8; 15];
+    key[..11].copy_from_slice(&bucket_prefix(table, code));
+    key[11..].copy_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// `(table, code, chunk)` of a bucket-chunk key; `None` for any other key.
+pub fn parse_bucket_chunk(key: &[u8]) -> Option<(u16, u64, u32)> {
+    if key.len() != 15 || key[0] != BUCKET {
+        return None;
+    }
+    let table = u16::from_be_bytes(key[1..3].try_into().ok()?);
+    let code = u64::from_be_bytes(key[3..11].try_into().ok()?);
+    let chunk = u32::from_be_bytes(key[11..15].try_into().ok()?);
+    Some((table, code, chunk))
+}
+
+pub fn item(item: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = ITEM;
+    key[1..].copy_from_slice(&item.to_be_bytes());
+    key
+}
+
+pub fn id(id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.len());
+    key.push(ID);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+pub fn encode_items(items: &[u32]) -> Vec<u8> {
+    items.iter().flat_map(|i| i.to_le_bytes()).collect()
+}
+
+/// Item numbers of a bucket chunk; a trailing partial number (never written) is ignored.
+pub fn decode_items(bytes: &[u8], out: &mut Vec<u32>) {
+    out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+}
+
+pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn bucket_keys_round_trip(table in any::<u16>(), code in any::<u64>(), chunk in any::<u32>()) {
+            let key = bucket_chunk(table, code, chunk);
+            prop_assert_eq!(parse_bucket_chunk(&key), Some((table, code, chunk)));
+            prop_assert!(key.starts_with(&bucket_prefix(table, code)));
+        }
+
+        #[test]
+        fn bucket_keys_sort_by_table_code_chunk(a in any::<(u16, u64, u32)>(), b in any::<(u16, u64, u32)>()) {
+            prop_assert_eq!(bucket_chunk(a.0, a.1, a.2).cmp(&bucket_chunk(b.0, b.1, b.2)), a.cmp(&b));
+        }
+
+        #[test]
+        fn item_lists_round_trip(items in prop::collection::vec(any::<u32>(), 0..100)) {
+            let mut out = Vec::new();
+            decode_items(&encode_items(&items), &mut out);
+            prop_assert_eq!(out, items);
+        }
+
+        #[test]
+        fn item_keys_sort_numerically(a in any::<u32>(), b in any::<u32>()) {
+            prop_assert_eq!(item(a).cmp(&item(b)), a.cmp(&b));
+        }
+    }
+
+    #[test]
+    fn other_keys_are_not_bucket_chunks() {
+        assert_eq!(parse_bucket_chunk(&item(3)), None);
+        assert_eq!(parse_bucket_chunk(&id("abcdefghijklmn")), None);
+        assert_eq!(parse_bucket_chunk(HYPERPLANES), None);
+    }
+
+    #[test]
+    fn counters_decode() {
+        assert_eq!(decode_u32(&7u32.to_be_bytes()), Some(7));
+        assert_eq!(decode_u64(&9u64.to_be_bytes()), Some(9));
+        assert_eq!(decode_u32(&[1, 2]), None);
+    }
+}

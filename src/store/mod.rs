@@ -1,0 +1,104 @@
+//! Persistence of indexes. The domain (`crate::index`) depends on the traits here, never on
+//! sled; the store knows nothing of gRPC or of how codes are computed.
+
+mod keys;
+pub mod migrate;
+mod sled_store;
+mod vectors;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use sled_store::{SledCatalog, SledOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("corrupt record: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error(
+        "the database has on-disk layout version {found}, newer than version {supported} that \
+         this imagelsh understands; run a newer imagelsh (it was never opened by this one)"
+    )]
+    LayoutTooNew { found: u32, supported: u32 },
+    #[error("index {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("index {0:?} was dropped")]
+    Dropped(String),
+    #[error("index {0:?} has used all 2^32 item numbers")]
+    ItemNumbersExhausted(String),
+}
+
+/// What defines an index, fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexDef {
+    pub name: String,
+    pub dim: u32,
+    pub hash_bits: u32,
+    pub tables: u32,
+    pub seed: u64,
+    /// The model whose embeddings the index holds; empty when fed vectors only.
+    pub model: String,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+/// An item to write with everything the store keeps of it.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+    /// One code per table.
+    pub codes: Vec<u64>,
+    pub vector: Vec<f32>,
+}
+
+/// An item as read back; `number` is the store's internal item number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredItem {
+    pub number: u32,
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+}
+
+/// The registry of indexes.
+pub trait Catalog: Send + Sync {
+    /// Creates an index with its hyperplane matrix (row-major f32), durably.
+    fn create(&self, def: &IndexDef, hyperplanes: &[f32]) -> Result<Arc<dyn IndexStore>, StoreError>;
+    /// Opens an existing index; `None` if there is none of that name.
+    fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError>;
+    fn list(&self) -> Result<Vec<IndexDef>, StoreError>;
+    /// Writes everything buffered to disk (at shutdown).
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The stored data of one index: buckets keyed by table and code, items, vectors.
+pub trait IndexStore: Send + Sync {
+    fn def(&self) -> &IndexDef;
+    fn hyperplanes(&self) -> Result<Vec<f32>, StoreError>;
+    /// Inserts the items, replacing any with the same id (the last of a repeated id wins).
+    /// Atomic: after any crash every item is in all of its buckets or in none. Durable on return.
+    fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError>;
+    /// Removes the items with these ids; returns how many existed. Atomic and durable.
+    fn delete(&self, ids: &[String]) -> Result<usize, StoreError>;
+    /// Appends the item numbers in bucket `code` of `table` to `out`.
+    fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError>;
+    /// The items with these numbers, skipping numbers with no live item.
+    fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError>;
+    fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError>;
+    fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError>;
+    /// Live items.
+    fn len(&self) -> Result<u64, StoreError>;
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+    /// Removes the index and all its data; later calls on this handle fail with `Dropped`.
+    fn destroy(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,584 @@
+//! The sled implementation of the store: one tree per index (layout in `migrations/`), and a
+//! vector file per index beside the database.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+
+use super::keys;
+use super::migrate::{self, CATALOG_TREE};
+use super::vectors::VectorFile;
+use super::{Catalog, IndexDef, IndexStore, NewItem, StoreError, StoredItem};
+use crate::storage_proto::{IndexRecord, ItemRecord};
+
+/// Item numbers per bucket chunk: an append rewrites one chunk of at most 2 KiB, however
+/// large the bucket grows.
+const CHUNK_CAPACITY: usize = 512;
+const INDEX_TREE_PREFIX: &str = "index/";
+
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled's page cache, bytes.
+    pub cache_capacity: u64,
+    /// fsync the database file after every acknowledged write, so that an ack survives power
+    /// loss and not only a crash of the process (sled's own flush uses sync_file_range).
+    pub fsync: bool,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        Self { cache_capacity: 512 << 20, fsync: true }
+    }
+}
+
+/// Makes writes durable: sled's flush, then an fsync of its file.
+struct Durability {
+    db: sled::Db,
+    db_file: Option<File>,
+}
+
+impl Durability {
+    fn commit(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        if let Some(file) = &self.db_file {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+pub struct SledCatalog {
+    db: sled::Db,
+    catalog: sled::Tree,
+    vectors_dir: PathBuf,
+    durability: Arc<Durability>,
+    /// Serialises creation so that two creates of one name cannot both succeed.
+    create_lock: Mutex<()>,
+}
+
+impl SledCatalog {
+    /// Opens (or creates) the data directory, applying layout migrations first.
+    pub fn open(data_dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
+        let sled_dir = data_dir.join("sled");
+        let vectors_dir = data_dir.join("vectors");
+        std::fs::create_dir_all(&vectors_dir)?;
+        let db = sled::Config::new().path(&sled_dir).cache_capacity(options.cache_capacity).open()?;
+        migrate::run(&db)?;
+        let catalog = db.open_tree(CATALOG_TREE)?;
+        let db_file = if options.fsync { File::open(sled_dir.join("db")).ok() } else { None };
+        if options.fsync && db_file.is_none() {
+            tracing::warn!("sled's data file not found; acknowledged writes rely on sled's flush alone");
+        }
+        let durability = Arc::new(Durability { db: db.clone(), db_file });
+        let this = Self { db, catalog, vectors_dir, durability, create_lock: Mutex::new(()) };
+        this.collect_garbage()?;
+        Ok(this)
+    }
+
+    /// Opens a database only to bring its layout up to date (`imagelsh migrate`).
+    pub fn migrate(data_dir: &Path) -> Result<(u32, Vec<&'static migrate::Migration>), StoreError> {
+        let db = sled::Config::new().path(data_dir.join("sled")).open()?;
+        let before = migrate::stored_version(&db)?;
+        let applied = migrate::run(&db)?;
+        db.flush()?;
+        Ok((before, applied))
+    }
+
+    /// Removes trees and vector files of indexes that are not in the catalog: left behind by a
+    /// crash during create or drop.
+    fn collect_garbage(&self) -> Result<(), StoreError> {
+        let mut live = BTreeSet::new();
+        for entry in self.catalog.iter() {
+            let (_, value) = entry?;
+            live.insert(IndexRecord::decode(&*value)?.uid);
+        }
+        for name in self.db.tree_names() {
+            let Some(uid) = std::str::from_utf8(&name).ok().and_then(|n| n.strip_prefix(INDEX_TREE_PREFIX)) else {
+                continue;
+            };
+            if u64::from_str_radix(uid, 16).is_ok_and(|uid| !live.contains(&uid)) {
+                tracing::info!(tree = uid, "removing index tree left by an interrupted create or drop");
+                self.db.drop_tree(&name)?;
+            }
+        }
+        for entry in std::fs::read_dir(&self.vectors_dir)? {
+            let path = entry?.path();
+            let uid = path.file_stem().and_then(|s| s.to_str()).and_then(|s| u64::from_str_radix(s, 16).ok());
+            if uid.is_some_and(|uid| !live.contains(&uid)) {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_record(&self, record: IndexRecord) -> Result<Arc<dyn IndexStore>, StoreError> {
+        let tree = self.db.open_tree(tree_name(record.uid))?;
+        let next = read_u32(&tree, keys::NEXT_ITEM)?;
+        let vectors = VectorFile::open(&vector_path(&self.vectors_dir, record.uid), record.dim as usize, next)?;
+        Ok(Arc::new(SledIndex {
+            def: def_of(&record),
+            record,
+            db: self.db.clone(),
+            catalog: self.catalog.clone(),
+            tree,
+            vectors,
+            vectors_dir: self.vectors_dir.clone(),
+            durability: self.durability.clone(),
+            writer: Mutex::new(()),
+            dropped: AtomicBool::new(false),
+        }))
+    }
+}
+
+fn tree_name(uid: u64) -> String {
+    format!("{INDEX_TREE_PREFIX}{uid:016x}")
+}
+
+fn vector_path(dir: &Path, uid: u64) -> PathBuf {
+    dir.join(format!("{uid:016x}.f32"))
+}
+
+fn def_of(r: &IndexRecord) -> IndexDef {
+    IndexDef {
+        name: r.name.clone(),
+        dim: r.dim,
+        hash_bits: r.hash_bits,
+        tables: r.tables,
+        seed: r.seed,
+        model: r.model.clone(),
+        created_at: r.created_at,
+    }
+}
+
+fn read_u32(tree: &sled::Tree, key: &[u8]) -> Result<u32, StoreError> {
+    let v = tree.get(key)?.ok_or_else(|| StoreError::Corrupt("missing item counter".into()))?;
+    keys::decode_u32(&v).ok_or_else(|| StoreError::Corrupt("item counter".into()))
+}
+
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    let v = tree.get(key)?.ok_or_else(|| StoreError::Corrupt("missing item count".into()))?;
+    keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("item count".into()))
+}
+
+impl Catalog for SledCatalog {
+    fn create(&self, def: &IndexDef, hyperplanes: &[f32]) -> Result<Arc<dyn IndexStore>, StoreError> {
+        let _guard = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.catalog.contains_key(def.name.as_bytes())? {
+            return Err(StoreError::AlreadyExists(def.name.clone()));
+        }
+        let uid = self.db.generate_id()?;
+        let record = IndexRecord {
+            name: def.name.clone(),
+            uid,
+            dim: def.dim,
+            hash_bits: def.hash_bits,
+            tables: def.tables,
+            seed: def.seed,
+            model: def.model.clone(),
+            created_at: def.created_at,
+        };
+        // The tree first, the catalog entry last: a crash in between leaves an orphan tree that
+        // the next open removes, never a catalog entry without its data.
+        let tree = self.db.open_tree(tree_name(uid))?;
+        let planes: Vec<u8> = hyperplanes.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::HYPERPLANES, planes);
+        batch.insert(keys::NEXT_ITEM, &0u32.to_be_bytes());
+        batch.insert(keys::ITEM_COUNT, &0u64.to_be_bytes());
+        tree.apply_batch(batch)?;
+        VectorFile::open(&vector_path(&self.vectors_dir, uid), def.dim as usize, 0)?;
+        self.catalog.insert(def.name.as_bytes(), record.encode_to_vec())?;
+        self.durability.commit()?;
+        self.open_record(record)
+    }
+
+    fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError> {
+        match self.catalog.get(name.as_bytes())? {
+            None => Ok(None),
+            Some(v) => self.open_record(IndexRecord::decode(&*v)?).map(Some),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<IndexDef>, StoreError> {
+        self.catalog.iter().map(|entry| Ok(def_of(&IndexRecord::decode(&*entry?.1)?))).collect()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.durability.commit()
+    }
+}
+
+struct SledIndex {
+    def: IndexDef,
+    record: IndexRecord,
+    db: sled::Db,
+    catalog: sled::Tree,
+    tree: sled::Tree,
+    vectors: VectorFile,
+    vectors_dir: PathBuf,
+    durability: Arc<Durability>,
+    /// Writes are read-modify-write of buckets and counters: one writer at a time.
+    writer: Mutex<()>,
+    dropped: AtomicBool,
+}
+
+impl SledIndex {
+    fn check_live(&self) -> Result<(), StoreError> {
+        if self.dropped.load(Ordering::Acquire) {
+            return Err(StoreError::Dropped(self.def.name.clone()));
+        }
+        Ok(())
+    }
+
+    fn lock_writer(&self) -> Result<std::sync::MutexGuard<'_, ()>, StoreError> {
+        let guard = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_live()?;
+        Ok(guard)
+    }
+
+    fn edit<'a>(&self, edits: &'a mut HashMap<(u16, u64), BucketEdit>, table: u16, code: u64) -> Result<&'a mut BucketEdit, StoreError> {
+        Ok(match edits.entry((table, code)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => v.insert(BucketEdit::load_tail(&self.tree, table, code)?),
+        })
+    }
+
+    /// Takes item `number` out of its buckets and removes its record (in `batch`).
+    fn unlink(&self, number: u32, edits: &mut HashMap<(u16, u64), BucketEdit>, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        let record = self.tree.get(keys::item(number))?.ok_or_else(|| StoreError::Corrupt(format!("item {number} has an id but no record")))?;
+        let record = ItemRecord::decode(&*record)?;
+        for (table, &code) in record.codes.iter().enumerate() {
+            self.edit(edits, table as u16, code)?.remove(&self.tree, number)?;
+        }
+        batch.remove(&keys::item(number));
+        Ok(())
+    }
+
+    fn existing_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        match self.tree.get(keys::id(id))? {
+            None => Ok(None),
+            Some(v) => keys::decode_u32(&v).map(Some).ok_or_else(|| StoreError::Corrupt(format!("item number of id {id:?}"))),
+        }
+    }
+}
+
+impl IndexStore for SledIndex {
+    fn def(&self) -> &IndexDef {
+        &self.def
+    }
+
+    fn hyperplanes(&self) -> Result<Vec<f32>, StoreError> {
+        let bytes = self.tree.get(keys::HYPERPLANES)?.ok_or_else(|| StoreError::Corrupt("missing hyperplanes".into()))?;
+        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError> {
+        // The last occurrence of a repeated id wins, as if the items were sent one by one.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            last.insert(&item.id, i);
+        }
+        let items: Vec<&NewItem> = items.iter().enumerate().filter(|(i, it)| last[it.id.as_str()] == *i).map(|(_, it)| it).collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+
+        let _writer = self.lock_writer()?;
+        let first = read_u32(&self.tree, keys::NEXT_ITEM)?;
+        let mut count = read_u64(&self.tree, keys::ITEM_COUNT)?;
+        let next = u32::try_from(u64::from(first) + items.len() as u64)
+            .map_err(|_| StoreError::ItemNumbersExhausted(self.def.name.clone()))?;
+        let mut batch = sled::Batch::default();
+        let mut edits = HashMap::new();
+        for (number, item) in (first..).zip(&items) {
+            if let Some(old) = self.existing_number(&item.id)? {
+                self.unlink(old, &mut edits, &mut batch)?;
+                count -= 1;
+            }
+            for (table, &code) in item.codes.iter().enumerate() {
+                self.edit(&mut edits, table as u16, code)?.append(number);
+            }
+            let record = ItemRecord { id: item.id.clone(), label: item.label.clone(), metadata: item.metadata.clone(), codes: item.codes.clone() };
+            batch.insert(&keys::item(number), record.encode_to_vec());
+            batch.insert(keys::id(&item.id), &number.to_be_bytes());
+            count += 1;
+        }
+        // Vectors first: sled's commit below is what makes the batch exist.
+        self.vectors.write_batch(first, items.iter().map(|it| it.vector.as_slice()))?;
+        for edit in edits.into_values() {
+            edit.write(&mut batch);
+        }
+        batch.insert(keys::NEXT_ITEM, &next.to_be_bytes());
+        batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.durability.commit()
+    }
+
+    fn delete(&self, ids: &[String]) -> Result<usize, StoreError> {
+        let _writer = self.lock_writer()?;
+        let mut count = read_u64(&self.tree, keys::ITEM_COUNT)?;
+        let mut batch = sled::Batch::default();
+        let mut edits = HashMap::new();
+        let mut deleted = 0;
+        let unique: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        for id in unique {
+            if let Some(number) = self.existing_number(id)? {
+                self.unlink(number, &mut edits, &mut batch)?;
+                batch.remove(keys::id(id));
+                count -= 1;
+                deleted += 1;
+            }
+        }
+        if deleted == 0 {
+            return Ok(0);
+        }
+        for edit in edits.into_values() {
+            edit.write(&mut batch);
+        }
+        batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.durability.commit()?;
+        Ok(deleted)
+    }
+
+    fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError> {
+        for chunk in self.tree.scan_prefix(keys::bucket_prefix(table, code)) {
+            keys::decode_items(&chunk?.1, out);
+        }
+        Ok(())
+    }
+
+    fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError> {
+        let mut items = Vec::with_capacity(numbers.len());
+        for &number in numbers {
+            if let Some(v) = self.tree.get(keys::item(number))? {
+                let r = ItemRecord::decode(&*v)?;
+                items.push(StoredItem { number, id: r.id, label: r.label, metadata: r.metadata });
+            }
+        }
+        Ok(items)
+    }
+
+    fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        self.existing_number(id)
+    }
+
+    fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError> {
+        self.vectors.read(number)
+    }
+
+    fn len(&self) -> Result<u64, StoreError> {
+        read_u64(&self.tree, keys::ITEM_COUNT)
+    }
+
+    fn destroy(&self) -> Result<(), StoreError> {
+        let _writer = self.lock_writer()?;
+        self.dropped.store(true, Ordering::Release);
+        // The catalog entry first: once it is gone the index no longer exists, and a crash
+        // before the rest leaves garbage that the next open collects.
+        self.catalog.remove(self.def.name.as_bytes())?;
+        self.durability.commit()?;
+        self.db.drop_tree(tree_name(self.record.uid))?;
+        let path = vector_path(&self.vectors_dir, self.record.uid);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+/// Pending changes to one bucket within a write batch. Appends need only the last chunk;
+/// a removal loads the rest.
+struct BucketEdit {
+    table: u16,
+    code: u64,
+    chunks: BTreeMap<u32, Vec<u32>>,
+    dirty: BTreeSet<u32>,
+    complete: bool,
+}
+
+impl BucketEdit {
+    fn load_tail(tree: &sled::Tree, table: u16, code: u64) -> Result<Self, StoreError> {
+        let mut edit = Self { table, code, chunks: BTreeMap::new(), dirty: BTreeSet::new(), complete: true };
+        if let Some(entry) = tree.scan_prefix(keys::bucket_prefix(table, code)).next_back() {
+            let (key, value) = entry?;
+            let chunk = chunk_number(&key)?;
+            let mut items = Vec::new();
+            keys::decode_items(&value, &mut items);
+            edit.chunks.insert(chunk, items);
+            edit.complete = chunk == 0;
+        }
+        Ok(edit)
+    }
+
+    fn load_rest(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+        if self.complete {
+            return Ok(());
+        }
+        for entry in tree.scan_prefix(keys::bucket_prefix(self.table, self.code)) {
+            let (key, value) = entry?;
+            self.chunks.entry(chunk_number(&key)?).or_insert_with(|| {
+                let mut items = Vec::new();
+                keys::decode_items(&value, &mut items);
+                items
+            });
+        }
+        self.complete = true;
+        Ok(())
+    }
+
+    fn append(&mut self, item: u32) {
+        let chunk = match self.chunks.last_key_value() {
+            Some((&last, items)) if items.len() < CHUNK_CAPACITY => last,
+            Some((&last, _)) => last + 1,
+            None => 0,
+        };
+        self.chunks.entry(chunk).or_default().push(item);
+        self.dirty.insert(chunk);
+    }
+
+    fn remove(&mut self, tree: &sled::Tree, item: u32) -> Result<(), StoreError> {
+        self.load_rest(tree)?;
+        for (&chunk, items) in self.chunks.iter_mut() {
+            if let Some(pos) = items.iter().position(|&i| i == item) {
+                items.remove(pos);
+                self.dirty.insert(chunk);
+                return Ok(());
+            }
+        }
+        Err(StoreError::Corrupt(format!("item {item} missing from bucket {:x} of table {}", self.code, self.table)))
+    }
+
+    fn write(self, batch: &mut sled::Batch) {
+        for chunk in self.dirty {
+            let key = keys::bucket_chunk(self.table, self.code, chunk);
+            match self.chunks.get(&chunk) {
+                Some(items) if !items.is_empty() => batch.insert(&key, keys::encode_items(items)),
+                _ => batch.remove(&key),
+            }
+        }
+    }
+}
+
+fn chunk_number(key: &[u8]) -> Result<u32, StoreError> {
+    keys::parse_bucket_chunk(key).map(|(_, _, chunk)| chunk).ok_or_else(|| StoreError::Corrupt("bucket key".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str, dim: u32, tables: u32) -> IndexDef {
+        IndexDef { name: name.into(), dim, hash_bits: 8, tables, seed: 1, model: String::new(), created_at: 0 }
+    }
+
+    fn item(id: &str, codes: &[u64], vector: &[f32]) -> NewItem {
+        NewItem { id: id.into(), label: format!("label-{id}"), metadata: HashMap::new(), codes: codes.to_vec(), vector: vector.to_vec() }
+    }
+
+    fn bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        store.bucket(table, code, &mut out).unwrap();
+        out.sort();
+        out
+    }
+
+    fn ids_in_bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<String> {
+        let mut ids: Vec<String> = store.items(&bucket(store, table, code)).unwrap().into_iter().map(|i| i.id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn upsert_replace_delete_keep_buckets_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.create(&def("a", 2, 2), &[0.0; 2 * 16]).unwrap();
+        store.upsert(&[item("x", &[1, 5], &[1.0, 0.0]), item("y", &[1, 6], &[0.0, 1.0])]).unwrap();
+        assert_eq!(ids_in_bucket(&*store, 0, 1), ["x", "y"]);
+        assert_eq!(ids_in_bucket(&*store, 1, 5), ["x"]);
+        // Replacing x moves it to other buckets; its old entries go.
+        store.upsert(&[item("x", &[2, 6], &[0.5, 0.5])]).unwrap();
+        assert_eq!(ids_in_bucket(&*store, 0, 1), ["y"]);
+        assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
+        assert!(bucket(&*store, 1, 5).is_empty());
+        assert_eq!(ids_in_bucket(&*store, 1, 6), ["x", "y"]);
+        assert_eq!(store.len().unwrap(), 2);
+        let x = store.item_number("x").unwrap().unwrap();
+        assert_eq!(store.vector(x).unwrap(), [0.5, 0.5]);
+        assert_eq!(store.delete(&["y".into(), "y".into(), "nope".into()]).unwrap(), 1);
+        assert!(bucket(&*store, 0, 1).is_empty());
+        assert_eq!(store.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn repeated_id_in_one_batch_keeps_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.create(&def("a", 1, 1), &[0.0; 8]).unwrap();
+        store.upsert(&[item("x", &[1], &[1.0]), item("x", &[2], &[2.0])]).unwrap();
+        assert!(bucket(&*store, 0, 1).is_empty());
+        assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
+        assert_eq!(store.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn large_buckets_span_chunks_and_shrink_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
+        let store = catalog.create(&def("a", 1, 1), &[0.0; 8]).unwrap();
+        let n = CHUNK_CAPACITY * 2 + 10;
+        for batch in (0..n).collect::<Vec<_>>().chunks(300) {
+            let items: Vec<NewItem> = batch.iter().map(|i| item(&i.to_string(), &[7], &[*i as f32])).collect();
+            store.upsert(&items).unwrap();
+        }
+        assert_eq!(bucket(&*store, 0, 7).len(), n);
+        // Delete one item from the first chunk and most of the rest.
+        let doomed: Vec<String> = (0..n - 3).map(|i| i.to_string()).collect();
+        assert_eq!(store.delete(&doomed).unwrap(), n - 3);
+        assert_eq!(ids_in_bucket(&*store, 0, 7), [(n - 3).to_string(), (n - 2).to_string(), (n - 1).to_string()]);
+        // Appends after the shrink still land in the bucket.
+        store.upsert(&[item("new", &[7], &[0.0])]).unwrap();
+        assert_eq!(bucket(&*store, 0, 7).len(), 4);
+    }
+
+    #[test]
+    fn reopen_keeps_everything_and_drop_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+            let store = catalog.create(&def("a", 2, 1), &[1.5; 2 * 8]).unwrap();
+            store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
+            assert!(matches!(catalog.create(&def("a", 2, 1), &[0.0; 16]), Err(StoreError::AlreadyExists(_))));
+        }
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        assert_eq!(catalog.list().unwrap(), vec![def("a", 2, 1)]);
+        let store = catalog.open("a").unwrap().unwrap();
+        assert_eq!(store.hyperplanes().unwrap(), vec![1.5; 16]);
+        assert_eq!(ids_in_bucket(&*store, 0, 3), ["x"]);
+        assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
+        store.destroy().unwrap();
+        assert!(matches!(store.upsert(&[item("y", &[1], &[0.0, 0.0])]), Err(StoreError::Dropped(_))));
+        assert!(catalog.open("a").unwrap().is_none());
+        assert_eq!(std::fs::read_dir(dir.path().join("vectors")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn newer_layout_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledCatalog::open(dir.path(), &SledOptions::default()).unwrap());
+        {
+            let db = sled::open(dir.path().join("sled")).unwrap();
+            migrate::force_version(&db, migrate::CURRENT_VERSION + 1).unwrap();
+        }
+        let err = SledCatalog::open(dir.path(), &SledOptions::default()).err().unwrap();
+        assert!(matches!(err, StoreError::LayoutTooNew { .. }), "{err}");
+    }
+}
