@@ -224,7 +224,11 @@ impl Index {
     fn check_vector(&self, vector: &[f32]) -> Result<(), String> {
         let dim = self.def().dim as usize;
         if vector.len() != dim {
-            return Err(format!("embedding has {} values, index {:?} has dimension {dim}", vector.len(), self.def().name));
+            return Err(format!(
+                "embedding has {} values, index {:?} has dimension {dim}",
+                vector.len(),
+                self.def().name
+            ));
         }
         if let Some(i) = vector.iter().position(|x| !x.is_finite()) {
             return Err(format!("embedding value {i} is {}, not a finite number", vector[i]));
@@ -260,7 +264,13 @@ impl Index {
         let new_items: Vec<NewItem> = valid
             .into_iter()
             .zip(codes.outer_iter())
-            .map(|(item, codes)| NewItem { id: item.id, label: item.label, metadata: item.metadata, codes: codes.to_vec(), vector: item.vector })
+            .map(|(item, codes)| NewItem {
+                id: item.id,
+                label: item.label,
+                metadata: item.metadata,
+                codes: codes.to_vec(),
+                vector: item.vector,
+            })
             .collect();
         self.store.upsert(&new_items)?;
         outcome.indexed = new_items.len() as u32;
@@ -271,7 +281,8 @@ impl Index {
         let dim = self.def().dim as usize;
         let mut flat = Vec::with_capacity(rows * dim);
         vectors.for_each(|v| flat.extend_from_slice(v));
-        let batch = Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))?;
+        let batch =
+            Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))?;
         Ok(self.planes.codes(batch.view())?)
     }
 
@@ -282,7 +293,9 @@ impl Index {
     pub fn query(&self, by: QueryBy, options: &QueryOptions) -> Result<QueryResult, IndexError> {
         let top_k = match options.top_k {
             0 => DEFAULT_TOP_K,
-            k if k > MAX_TOP_K => return Err(IndexError::InvalidArgument(format!("top_k {k} is over the limit of {MAX_TOP_K}"))),
+            k if k > MAX_TOP_K => {
+                return Err(IndexError::InvalidArgument(format!("top_k {k} is over the limit of {MAX_TOP_K}")));
+            }
             k => k,
         } as usize;
         let (vector, exclude) = match by {
@@ -321,7 +334,14 @@ impl Index {
             .into_iter()
             .map(|item| {
                 let v = contenders[&item.number];
-                Hit { id: item.id, label: item.label, votes: v, score: v as f32 / tables, similarity: 0.0, metadata: item.metadata }
+                Hit {
+                    id: item.id,
+                    label: item.label,
+                    votes: v,
+                    score: v as f32 / tables,
+                    similarity: 0.0,
+                    metadata: item.metadata,
+                }
             })
             .collect();
         Ok(QueryResult { hits, candidates: votes.candidates() as u32 })
@@ -353,10 +373,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         for name in ["", "a b", "é", &"x".repeat(129)] {
-            assert!(matches!(e.create(IndexSpec { name: name.into(), ..Default::default() }), Err(IndexError::InvalidArgument(_))));
+            assert!(matches!(
+                e.create(IndexSpec { name: name.into(), ..Default::default() }),
+                Err(IndexError::InvalidArgument(_))
+            ));
         }
-        assert!(matches!(e.create(IndexSpec { name: "a".into(), hash_bits: 65, ..Default::default() }), Err(IndexError::InvalidArgument(_))));
-        assert!(matches!(e.create(IndexSpec { name: "a".into(), tables: 257, ..Default::default() }), Err(IndexError::InvalidArgument(_))));
+        assert!(matches!(
+            e.create(IndexSpec { name: "a".into(), hash_bits: 65, ..Default::default() }),
+            Err(IndexError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            e.create(IndexSpec { name: "a".into(), tables: 257, ..Default::default() }),
+            Err(IndexError::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -406,7 +435,10 @@ mod tests {
         assert!(by_id.hits.iter().all(|h| h.id != "same-a"));
         let strict = index.query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8 }).unwrap();
         assert_eq!(strict.hits.len(), 1);
-        assert!(matches!(index.query(QueryBy::Id("nope".into()), &QueryOptions::default()), Err(IndexError::ItemNotFound { .. })));
+        assert!(matches!(
+            index.query(QueryBy::Id("nope".into()), &QueryOptions::default()),
+            Err(IndexError::ItemNotFound { .. })
+        ));
     }
 
     #[test]
@@ -414,7 +446,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = engine(dir.path());
         e.create(IndexSpec { name: "a".into(), ..Default::default() }).unwrap();
-        assert!(matches!(e.create(IndexSpec { name: "a".into(), ..Default::default() }), Err(IndexError::AlreadyExists(_))));
+        assert!(matches!(
+            e.create(IndexSpec { name: "a".into(), ..Default::default() }),
+            Err(IndexError::AlreadyExists(_))
+        ));
         let old = e.index("a").unwrap();
         e.drop_index("a").unwrap();
         assert!(matches!(e.index("a"), Err(IndexError::NotFound(_))));

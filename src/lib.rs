@@ -3,6 +3,8 @@
 //! Layers, from the wire inwards: `api` (gRPC) → `index` (the domain) → `lsh` (pure math)
 //! and `store` (sled). Each layer has its own error type; `api::status` maps them to gRPC.
 
+pub mod api;
+pub mod config;
 pub mod index;
 pub mod lsh;
 pub mod store;

@@ -1,1 +1,113 @@
-fn main() {}
+//! The `imagelsh` command line.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use imagelsh::api::{self, Limits};
+use imagelsh::config::{DEFAULT_MODEL_DIM, ServeConfig, StorageConfig};
+use imagelsh::index::Engine;
+use imagelsh::store::{SledCatalog, SledOptions, migrate};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "imagelsh", version, about = "Image embedding and similarity search over a persistent LSH index")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC service.
+    Serve(ServeConfig),
+    /// Bring a data directory's on-disk layout up to this version (also done at every start).
+    Migrate(StorageConfig),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sled=warn,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(config) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+        }
+        Command::Migrate(storage) => migrate_data_dir(&storage),
+    }
+}
+
+fn migrate_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
+    let (before, applied) =
+        SledCatalog::migrate(&storage.data_dir).with_context(|| format!("migrating {}", storage.data_dir.display()))?;
+    if applied.is_empty() {
+        println!("layout version {before} is current; nothing to do");
+    }
+    for step in applied {
+        println!("applied layout version {} ({})", step.version, step.name);
+    }
+    println!("layout version now {}", migrate::CURRENT_VERSION);
+    Ok(())
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let options = SledOptions { cache_capacity: config.cache_mb << 20, fsync: config.fsync };
+    let data_dir = config.storage.data_dir.clone();
+    let catalog = tokio::task::spawn_blocking(move || SledCatalog::open(&data_dir, &options))
+        .await?
+        .with_context(|| format!("opening data directory {}", config.storage.data_dir.display()))?;
+    let engine = Arc::new(Engine::new(Arc::new(catalog), DEFAULT_MODEL_DIM));
+
+    let listener =
+        TcpListener::bind(&config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // A machine-readable line for supervisors and tests that start us on port 0.
+    println!("imagelsh listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, data_dir = %config.storage.data_dir.display(), "serving");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let limits =
+        Limits { max_message_bytes: config.max_message_bytes, max_concurrent_streams: config.max_concurrent_streams };
+    let mut server = tokio::spawn(api::serve(engine.clone(), listener, limits, shutdown.clone()));
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    tokio::select! {
+        result = &mut server => result??,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "calls still running after the grace period; stopping them");
+            server.abort();
+        }
+    }
+    tokio::task::spawn_blocking(move || engine.flush()).await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested: finishing calls in flight");
+    shutdown.cancel();
+}

@@ -76,9 +76,7 @@ impl Hyperplanes {
     pub fn draw(shape: LshShape, seed: u64) -> Result<Self, LshError> {
         shape.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let matrix = Array2::from_shape_simple_fn((shape.dim, shape.planes()), || {
-            StandardNormal.sample(&mut rng)
-        });
+        let matrix = Array2::from_shape_simple_fn((shape.dim, shape.planes()), || StandardNormal.sample(&mut rng));
         Ok(Self { shape, matrix })
     }
 

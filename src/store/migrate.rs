@@ -92,7 +92,9 @@ mod tests {
         let db = temp_db();
         force_version(&db, CURRENT_VERSION + 1).unwrap();
         let err = run(&db).unwrap_err();
-        assert!(matches!(err, StoreError::LayoutTooNew { found, supported } if found == CURRENT_VERSION + 1 && supported == CURRENT_VERSION));
+        assert!(
+            matches!(err, StoreError::LayoutTooNew { found, supported } if found == CURRENT_VERSION + 1 && supported == CURRENT_VERSION)
+        );
         assert!(err.to_string().contains("newer"));
     }
 
@@ -104,7 +106,10 @@ mod tests {
         }
         assert_eq!(MIGRATIONS.last().map(|m| m.version), Some(CURRENT_VERSION));
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
-        let files = std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "md")).count();
+        let files = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "md"))
+            .count();
         assert_eq!(files, MIGRATIONS.len(), "one file in migrations/ per layout version");
     }
 }

@@ -241,7 +241,12 @@ impl SledIndex {
         Ok(guard)
     }
 
-    fn edit<'a>(&self, edits: &'a mut HashMap<(u16, u64), BucketEdit>, table: u16, code: u64) -> Result<&'a mut BucketEdit, StoreError> {
+    fn edit<'a>(
+        &self,
+        edits: &'a mut HashMap<(u16, u64), BucketEdit>,
+        table: u16,
+        code: u64,
+    ) -> Result<&'a mut BucketEdit, StoreError> {
         Ok(match edits.entry((table, code)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => v.insert(BucketEdit::load_tail(&self.tree, table, code)?),
@@ -249,8 +254,16 @@ impl SledIndex {
     }
 
     /// Takes item `number` out of its buckets and removes its record (in `batch`).
-    fn unlink(&self, number: u32, edits: &mut HashMap<(u16, u64), BucketEdit>, batch: &mut sled::Batch) -> Result<(), StoreError> {
-        let record = self.tree.get(keys::item(number))?.ok_or_else(|| StoreError::Corrupt(format!("item {number} has an id but no record")))?;
+    fn unlink(
+        &self,
+        number: u32,
+        edits: &mut HashMap<(u16, u64), BucketEdit>,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        let record = self
+            .tree
+            .get(keys::item(number))?
+            .ok_or_else(|| StoreError::Corrupt(format!("item {number} has an id but no record")))?;
         let record = ItemRecord::decode(&*record)?;
         for (table, &code) in record.codes.iter().enumerate() {
             self.edit(edits, table as u16, code)?.remove(&self.tree, number)?;
@@ -262,7 +275,9 @@ impl SledIndex {
     fn existing_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
         match self.tree.get(keys::id(id))? {
             None => Ok(None),
-            Some(v) => keys::decode_u32(&v).map(Some).ok_or_else(|| StoreError::Corrupt(format!("item number of id {id:?}"))),
+            Some(v) => {
+                keys::decode_u32(&v).map(Some).ok_or_else(|| StoreError::Corrupt(format!("item number of id {id:?}")))
+            }
         }
     }
 }
@@ -273,7 +288,8 @@ impl IndexStore for SledIndex {
     }
 
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError> {
-        let bytes = self.tree.get(keys::HYPERPLANES)?.ok_or_else(|| StoreError::Corrupt("missing hyperplanes".into()))?;
+        let bytes =
+            self.tree.get(keys::HYPERPLANES)?.ok_or_else(|| StoreError::Corrupt("missing hyperplanes".into()))?;
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
@@ -283,7 +299,8 @@ impl IndexStore for SledIndex {
         for (i, item) in items.iter().enumerate() {
             last.insert(&item.id, i);
         }
-        let items: Vec<&NewItem> = items.iter().enumerate().filter(|(i, it)| last[it.id.as_str()] == *i).map(|(_, it)| it).collect();
+        let items: Vec<&NewItem> =
+            items.iter().enumerate().filter(|(i, it)| last[it.id.as_str()] == *i).map(|(_, it)| it).collect();
         if items.is_empty() {
             return Ok(());
         }
@@ -303,7 +320,12 @@ impl IndexStore for SledIndex {
             for (table, &code) in item.codes.iter().enumerate() {
                 self.edit(&mut edits, table as u16, code)?.append(number);
             }
-            let record = ItemRecord { id: item.id.clone(), label: item.label.clone(), metadata: item.metadata.clone(), codes: item.codes.clone() };
+            let record = ItemRecord {
+                id: item.id.clone(),
+                label: item.label.clone(),
+                metadata: item.metadata.clone(),
+                codes: item.codes.clone(),
+            };
             batch.insert(&keys::item(number), record.encode_to_vec());
             batch.insert(keys::id(&item.id), &number.to_be_bytes());
             count += 1;
@@ -480,7 +502,13 @@ mod tests {
     }
 
     fn item(id: &str, codes: &[u64], vector: &[f32]) -> NewItem {
-        NewItem { id: id.into(), label: format!("label-{id}"), metadata: HashMap::new(), codes: codes.to_vec(), vector: vector.to_vec() }
+        NewItem {
+            id: id.into(),
+            label: format!("label-{id}"),
+            metadata: HashMap::new(),
+            codes: codes.to_vec(),
+            vector: vector.to_vec(),
+        }
     }
 
     fn bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<u32> {
@@ -491,7 +519,8 @@ mod tests {
     }
 
     fn ids_in_bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<String> {
-        let mut ids: Vec<String> = store.items(&bucket(store, table, code)).unwrap().into_iter().map(|i| i.id).collect();
+        let mut ids: Vec<String> =
+            store.items(&bucket(store, table, code)).unwrap().into_iter().map(|i| i.id).collect();
         ids.sort();
         ids
     }

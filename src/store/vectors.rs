@@ -49,7 +49,11 @@ impl VectorFile {
     }
 
     /// Writes the records of items `first, first+1, …` and syncs them to disk.
-    pub fn write_batch<'a>(&self, first: u32, vectors: impl ExactSizeIterator<Item = &'a [f32]>) -> Result<(), StoreError> {
+    pub fn write_batch<'a>(
+        &self,
+        first: u32,
+        vectors: impl ExactSizeIterator<Item = &'a [f32]>,
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::with_capacity(vectors.len() * self.record_len() as usize);
         for (i, v) in vectors.enumerate() {
             debug_assert_eq!(v.len(), self.dim);

@@ -1,0 +1,38 @@
+//! Wire messages ⇄ domain types.
+
+use crate::index::{Hit, IndexInfo, ItemFailure};
+use crate::proto;
+
+impl From<IndexInfo> for proto::IndexInfo {
+    fn from(info: IndexInfo) -> Self {
+        let d = info.def;
+        proto::IndexInfo {
+            name: d.name,
+            dim: d.dim,
+            hash_bits: d.hash_bits,
+            tables: d.tables,
+            seed: d.seed,
+            items: info.items,
+            model: d.model,
+        }
+    }
+}
+
+impl From<Hit> for proto::Hit {
+    fn from(h: Hit) -> Self {
+        proto::Hit {
+            id: h.id,
+            label: h.label,
+            votes: h.votes,
+            score: h.score,
+            similarity: h.similarity,
+            metadata: h.metadata,
+        }
+    }
+}
+
+impl From<ItemFailure> for proto::ItemError {
+    fn from(f: ItemFailure) -> Self {
+        proto::ItemError { position: f.position, id: f.id, message: f.message }
+    }
+}

@@ -1,0 +1,120 @@
+//! Transport: the gRPC server, its standard health and reflection services, and the limits and
+//! shutdown behaviour around them. Knows the domain (`crate::index`), not the store.
+
+mod convert;
+mod service;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::index::Engine;
+use crate::proto::image_index_server::ImageIndexServer;
+pub use service::ImageIndexService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Bounds on what clients may ask of the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request or response message, bytes. Larger requests get RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_message_bytes: 64 << 20, max_concurrent_streams: 256 }
+    }
+}
+
+/// Serves until `shutdown` is cancelled: then new calls get UNAVAILABLE, ingest streams finish
+/// the batch in hand and end, and this returns once every call has completed.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: TcpListener,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<(), ApiError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    type Served = InterceptedService<ImageIndexServer<ImageIndexService>, RefuseWhenShuttingDown>;
+    health.set_serving::<Served>().await;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let image_index = ImageIndexServer::new(ImageIndexService::new(engine, shutdown.clone()))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    let image_index = InterceptedService::new(image_index, RefuseWhenShuttingDown(shutdown.clone()));
+
+    let incoming = TcpListenerStream::new(listener);
+    Server::builder()
+        .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(image_index)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<Served>().await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Answers UNAVAILABLE to calls that arrive once shutdown has begun.
+#[derive(Clone)]
+pub struct RefuseWhenShuttingDown(CancellationToken);
+
+impl tonic::service::Interceptor for RefuseWhenShuttingDown {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.0.is_cancelled() {
+            return Err(tonic::Status::unavailable("the server is shutting down"));
+        }
+        Ok(request)
+    }
+}
+
+/// tonic answers a request larger than the message limit with OUT_OF_RANGE; the contract says
+/// RESOURCE_EXHAUSTED for every bound a client hits. Unary calls carry that status in the
+/// response headers (streams are mapped where their messages are read).
+fn too_large_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|s| s.as_bytes() == b"11");
+    if out_of_range && headers.get("grpc-message").is_some_and(|m| is_too_large_message(m.as_bytes())) {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// Whether a (possibly percent-encoded) grpc-message is tonic's "message length too large".
+fn is_too_large_message(message: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(message).replace("%20", " ");
+    text.contains("message length too large")
+}
+
+/// The same rewrite for a status read from a request stream.
+pub(crate) fn map_decode_status(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::OutOfRange && is_too_large_message(status.message().as_bytes()) {
+        return tonic::Status::resource_exhausted(status.message().to_string());
+    }
+    status
+}

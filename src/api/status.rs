@@ -1,0 +1,52 @@
+//! The one place where errors of the inner layers become gRPC statuses.
+
+use tonic::Status;
+
+use crate::index::IndexError;
+use crate::store::StoreError;
+
+impl From<IndexError> for Status {
+    fn from(e: IndexError) -> Self {
+        match e {
+            IndexError::NotFound(_) | IndexError::ItemNotFound { .. } => Status::not_found(e.to_string()),
+            IndexError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+            IndexError::Store(store) => match store {
+                StoreError::Corrupt(_) | StoreError::Decode(_) => {
+                    tracing::error!(error = %store, "stored data failed a check");
+                    Status::data_loss(store.to_string())
+                }
+                StoreError::ItemNumbersExhausted(_) => Status::resource_exhausted(store.to_string()),
+                StoreError::LayoutTooNew { .. } => Status::failed_precondition(store.to_string()),
+                StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
+                StoreError::Dropped(_) => Status::not_found(store.to_string()),
+                StoreError::Sled(_) | StoreError::Io(_) => {
+                    tracing::error!(error = %store, "storage failure");
+                    Status::internal(format!("storage failure: {store}"))
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn domain_errors_map_to_the_documented_codes() {
+        let cases = [
+            (IndexError::NotFound("a".into()), Code::NotFound),
+            (IndexError::ItemNotFound { index: "a".into(), id: "b".into() }, Code::NotFound),
+            (IndexError::AlreadyExists("a".into()), Code::AlreadyExists),
+            (IndexError::InvalidArgument("x".into()), Code::InvalidArgument),
+            (IndexError::Store(StoreError::Corrupt("x".into())), Code::DataLoss),
+            (IndexError::Store(StoreError::Io(std::io::Error::other("disk"))), Code::Internal),
+            (IndexError::Store(StoreError::LayoutTooNew { found: 2, supported: 1 }), Code::FailedPrecondition),
+        ];
+        for (error, code) in cases {
+            assert_eq!(Status::from(error).code(), code);
+        }
+    }
+}

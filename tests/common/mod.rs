@@ -1,0 +1,172 @@
+//! A real `imagelsh serve` process on an ephemeral loopback port over a real data directory.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use imagelsh::proto::image_index_client::ImageIndexClient;
+use imagelsh::proto::{self, Embedding, IngestRequest, Item, item::Content};
+use tonic::transport::Channel;
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+}
+
+impl TestServer {
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start imagelsh serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("imagelsh listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Self { child: Some(child), addr, data_dir: data_dir.to_path_buf() }
+    }
+
+    pub async fn client(&self) -> ImageIndexClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect");
+        ImageIndexClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill -TERM");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                panic!("server did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A deterministic generator (SplitMix64) so that tests need no RNG crate and never vary.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// `n` vectors around `clusters` random centres; vector i belongs to cluster i % clusters.
+pub fn clustered(n: usize, dim: usize, clusters: usize, spread: f32, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Rng::new(seed);
+    let centres: Vec<Vec<f32>> = (0..clusters).map(|_| (0..dim).map(|_| rng.unit()).collect()).collect();
+    (0..n).map(|i| centres[i % clusters].iter().map(|c| c + spread * rng.unit()).collect()).collect()
+}
+
+pub fn vector_item(id: impl Into<String>, label: impl Into<String>, v: &[f32]) -> Item {
+    Item {
+        id: id.into(),
+        label: label.into(),
+        metadata: Default::default(),
+        content: Some(Content::Embedding(Embedding { values: v.to_vec() })),
+    }
+}
+
+pub fn batch(index: &str, batch_id: u64, items: Vec<Item>) -> IngestRequest {
+    IngestRequest { index: index.into(), batch_id, items }
+}
+
+/// Sends the batches over one stream and returns the responses in order.
+pub async fn ingest(
+    client: &mut ImageIndexClient<Channel>,
+    batches: Vec<IngestRequest>,
+) -> Result<Vec<proto::IngestResponse>, tonic::Status> {
+    let stream = client.ingest(tokio_stream::iter(batches)).await?;
+    let mut inbound = stream.into_inner();
+    let mut responses = Vec::new();
+    while let Some(r) = inbound.message().await? {
+        responses.push(r);
+    }
+    Ok(responses)
+}
+
+pub async fn create(
+    client: &mut ImageIndexClient<Channel>,
+    name: &str,
+    dim: u32,
+    hash_bits: u32,
+    tables: u32,
+) -> proto::IndexInfo {
+    client
+        .create_index(proto::CreateIndexRequest { name: name.into(), dim, hash_bits, tables, seed: 7 })
+        .await
+        .expect("create index")
+        .into_inner()
+}
+
+pub fn query_vector(index: &str, v: &[f32], top_k: u32) -> proto::QueryRequest {
+    proto::QueryRequest {
+        index: index.into(),
+        query: Some(proto::query_request::Query::Embedding(Embedding { values: v.to_vec() })),
+        top_k,
+        ..Default::default()
+    }
+}

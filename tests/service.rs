@@ -1,0 +1,380 @@
+//! The service through a real server process on loopback over a real sled directory.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use imagelsh::proto::{self, Embedding, Item, item::Content, query_request::Query};
+use tonic::Code;
+
+const DIM: usize = 32;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_lifecycle_and_its_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+
+    let info = client
+        .create_index(proto::CreateIndexRequest { name: "defaults".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.dim, info.hash_bits, info.tables, info.items),
+        (1280, 8, 10, 0),
+        "the notebook's K and L, the model's dim"
+    );
+
+    let info = create(&mut client, "small", DIM as u32, 16, 4).await;
+    assert_eq!((info.dim, info.hash_bits, info.tables), (DIM as u32, 16, 4));
+    let got = client.get_index(proto::GetIndexRequest { name: "small".into() }).await.unwrap().into_inner();
+    assert_eq!(got, info);
+    let names: HashSet<String> = client
+        .list_indexes(proto::ListIndexesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .indexes
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, HashSet::from(["defaults".to_string(), "small".to_string()]));
+
+    let dup = client
+        .create_index(proto::CreateIndexRequest { name: "small".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    for (hash_bits, tables) in [(65, 1), (8, 257)] {
+        let bad = client
+            .create_index(proto::CreateIndexRequest { name: "bad".into(), hash_bits, tables, ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "K={hash_bits} L={tables}");
+    }
+    let bad_name = client
+        .create_index(proto::CreateIndexRequest { name: "no spaces".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+
+    let missing = client.get_index(proto::GetIndexRequest { name: "nope".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let missing = client.query(query_vector("nope", &[0.0; DIM], 5)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let missing =
+        ingest(&mut client, vec![batch("nope", 1, vec![vector_item("a", "", &[0.0; DIM])])]).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    client.drop_index(proto::DropIndexRequest { name: "small".into() }).await.unwrap();
+    let gone = client.get_index(proto::GetIndexRequest { name: "small".into() }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let gone = client.drop_index(proto::DropIndexRequest { name: "small".into() }).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    // The name is free again, and the new index starts empty.
+    assert_eq!(create(&mut client, "small", DIM as u32, 16, 4).await.items, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "img", DIM as u32, 12, 8).await;
+
+    let vectors = clustered(600, DIM, 6, 0.05, 1);
+    let batches: Vec<_> = vectors
+        .chunks(100)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let items = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, v)| vector_item(format!("v{}", b * 100 + i), format!("c{}", (b * 100 + i) % 6), v))
+                .collect();
+            batch("img", 1000 + b as u64, items)
+        })
+        .collect();
+    let responses = ingest(&mut client, batches).await.unwrap();
+    assert_eq!(responses.iter().map(|r| r.batch_id).collect::<Vec<_>>(), (1000..1006).collect::<Vec<_>>());
+    assert!(responses.iter().all(|r| r.indexed == 100 && r.errors.is_empty()));
+    assert_eq!(client.get_index(proto::GetIndexRequest { name: "img".into() }).await.unwrap().into_inner().items, 600);
+
+    // A vector's nearest hits are its own cluster, with all votes.
+    let result = client.query(query_vector("img", &vectors[7], 20)).await.unwrap().into_inner();
+    assert_eq!(result.hits.len(), 20);
+    assert!(
+        result.hits.iter().all(|h| h.label == "c1"),
+        "{:?}",
+        result.hits.iter().map(|h| &h.label).collect::<Vec<_>>()
+    );
+    assert_eq!(result.hits[0].votes, 8);
+    assert_eq!(result.hits[0].score, 1.0);
+    assert!(result.candidates >= 20);
+    for pair in result.hits.windows(2) {
+        assert!((pair[0].votes, &pair[1].id) >= (pair[1].votes, &pair[0].id), "votes descending, then id");
+    }
+
+    // By id: the item itself is left out.
+    let by_id = client
+        .query(proto::QueryRequest {
+            index: "img".into(),
+            query: Some(Query::Id("v7".into())),
+            top_k: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(by_id.hits.iter().all(|h| h.id != "v7" && h.label == "c1"));
+
+    // Delete, and the deleted items no longer come back.
+    let deleted = client
+        .delete(proto::DeleteRequest { index: "img".into(), ids: vec!["v1".into(), "v7".into(), "unknown".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.deleted, 2);
+    let result = client.query(query_vector("img", &vectors[7], 200)).await.unwrap().into_inner();
+    assert!(result.hits.iter().all(|h| h.id != "v1" && h.id != "v7"));
+    assert_eq!(client.get_index(proto::GetIndexRequest { name: "img".into() }).await.unwrap().into_inner().items, 598);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_streams_all_land_and_resent_batches_do_not_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "many", DIM as u32, 10, 6).await;
+
+    let streams = 6;
+    let per_stream = 5;
+    let batch_size = 40;
+    let vectors = clustered(streams * per_stream * batch_size, DIM, 10, 0.1, 2);
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = server.client().await;
+        let mine: Vec<_> = (0..per_stream)
+            .map(|b| {
+                let items = (0..batch_size)
+                    .map(|i| {
+                        let n = (s * per_stream + b) * batch_size + i;
+                        vector_item(format!("s{s}-{n}"), "", &vectors[n])
+                    })
+                    .collect();
+                batch("many", b as u64, items)
+            })
+            .collect();
+        tasks.push(tokio::spawn(async move { ingest(&mut client, mine).await }));
+    }
+    for task in tasks {
+        let responses = task.await.unwrap().unwrap();
+        assert_eq!(responses.len(), per_stream);
+        assert!(responses.iter().all(|r| r.indexed == batch_size as u32));
+    }
+    let total = (streams * per_stream * batch_size) as u64;
+    assert_eq!(
+        client.get_index(proto::GetIndexRequest { name: "many".into() }).await.unwrap().into_inner().items,
+        total
+    );
+
+    // The same batch sent twice leaves the index as if it was sent once.
+    let before = client.query(query_vector("many", &vectors[3], 50)).await.unwrap().into_inner();
+    let again: Vec<Item> = (0..batch_size).map(|n| vector_item(format!("s0-{n}"), "", &vectors[n])).collect();
+    ingest(&mut client, vec![batch("many", 9, again.clone()), batch("many", 10, again)]).await.unwrap();
+    assert_eq!(
+        client.get_index(proto::GetIndexRequest { name: "many".into() }).await.unwrap().into_inner().items,
+        total
+    );
+    let after = client.query(query_vector("many", &vectors[3], 50)).await.unwrap().into_inner();
+    assert_eq!(before, after);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_items_are_reported_and_the_rest_is_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "strict", DIM as u32, 8, 4).await;
+
+    let good = [0.5f32; DIM];
+    let mut nan = good;
+    nan[3] = f32::NAN;
+    let mut inf = good;
+    inf[0] = f32::NEG_INFINITY;
+    let items = vec![
+        vector_item("ok-1", "", &good),
+        vector_item("", "", &good),
+        vector_item("short", "", &good[..DIM - 1]),
+        vector_item("nan", "", &nan),
+        vector_item("inf", "", &inf),
+        Item { id: "empty".into(), content: None, ..Default::default() },
+        vector_item("x".repeat(2000), "", &good),
+        vector_item("ok-2", "", &good),
+    ];
+    let responses = ingest(&mut client, vec![batch("strict", 5, items)]).await.unwrap();
+    let r = &responses[0];
+    assert_eq!(r.indexed, 2);
+    assert_eq!(r.errors.iter().map(|e| e.position).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert!(r.errors.iter().all(|e| !e.message.is_empty()));
+    assert_eq!(r.errors[1].id, "short");
+
+    for bad in [vec![0.5f32; DIM + 1], nan.to_vec()] {
+        let status = client.query(query_vector("strict", &bad, 5)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let status = client.query(proto::QueryRequest { index: "strict".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client
+        .query(proto::QueryRequest {
+            index: "strict".into(),
+            query: Some(Query::Id("nobody".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status =
+        client.query(proto::QueryRequest { top_k: 1_000_000, ..query_vector("strict", &good, 0) }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // The server is still up and the good items are there.
+    let hits = client.query(query_vector("strict", &good, 5)).await.unwrap().into_inner().hits;
+    assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["ok-1", "ok-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_message_is_refused_and_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), &["--max-message-bytes", "65536"]);
+    let mut client = server.client().await;
+    create(&mut client, "tiny", DIM as u32, 8, 2).await;
+    let big: Vec<Item> = (0..1000).map(|i| vector_item(format!("{i}"), "", &[1.0; DIM])).collect();
+    let status = ingest(&mut client, vec![batch("tiny", 1, big)]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let huge = vec![1.0f32; 20_000];
+    let status = client.query(query_vector("tiny", &huge, 5)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let mut client = server.client().await;
+    assert_eq!(client.get_index(proto::GetIndexRequest { name: "tiny".into() }).await.unwrap().into_inner().items, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "imagelsh.v1.ImageIndex".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_batches_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let vectors = clustered(1200, DIM, 12, 0.08, 3);
+    let queries = [0usize, 5, 11, 600, 1199];
+    let before;
+    {
+        let server = TestServer::start(dir.path());
+        let mut client = server.client().await;
+        create(&mut client, "durable", DIM as u32, 10, 6).await;
+        let batches = vectors
+            .chunks(100)
+            .enumerate()
+            .map(|(b, c)| {
+                batch(
+                    "durable",
+                    b as u64,
+                    c.iter().enumerate().map(|(i, v)| vector_item(format!("{}", b * 100 + i), "", v)).collect(),
+                )
+            })
+            .collect();
+        let responses = ingest(&mut client, batches).await.unwrap();
+        assert_eq!(responses.iter().map(|r| r.indexed).sum::<u32>(), 1200);
+        client.delete(proto::DeleteRequest { index: "durable".into(), ids: vec!["0".into()] }).await.unwrap();
+        let mut results = Vec::new();
+        for &q in &queries {
+            results.push(client.query(query_vector("durable", &vectors[q], 30)).await.unwrap().into_inner());
+        }
+        before = results;
+        server.kill();
+    }
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    assert_eq!(
+        client.get_index(proto::GetIndexRequest { name: "durable".into() }).await.unwrap().into_inner().items,
+        1199
+    );
+    for (&q, expected) in queries.iter().zip(&before) {
+        let got = client.query(query_vector("durable", &vectors[q], 30)).await.unwrap().into_inner();
+        assert_eq!(&got, expected, "query {q} after restart");
+    }
+    // Stored embeddings survived too.
+    let by_id = client
+        .query(proto::QueryRequest {
+            index: "durable".into(),
+            query: Some(Query::Id("600".into())),
+            top_k: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_id.hits.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_streams_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "drain", DIM as u32, 8, 4).await;
+
+    // A stream that stays open: the server must end it once shutdown begins.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = client.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let vectors = clustered(50, DIM, 5, 0.1, 4);
+    tx.send(batch("drain", 1, vectors.iter().enumerate().map(|(i, v)| vector_item(format!("{i}"), "", v)).collect()))
+        .await
+        .unwrap();
+    assert_eq!(acks.message().await.unwrap().unwrap().indexed, 50);
+
+    server.terminate();
+    let end = tokio::time::timeout(Duration::from_secs(10), acks.message()).await.expect("stream ended");
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    let status = tokio::task::spawn_blocking(move || server.wait(Duration::from_secs(20))).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    drop(tx);
+
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    assert_eq!(client.get_index(proto::GetIndexRequest { name: "drain".into() }).await.unwrap().into_inner().items, 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_items_are_refused_per_item_until_a_model_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "mixed", DIM as u32, 8, 4).await;
+    let items = vec![
+        Item { id: "pic".into(), content: Some(Content::Image(vec![1, 2, 3])), ..Default::default() },
+        Item {
+            id: "vec".into(),
+            content: Some(Content::Embedding(Embedding { values: vec![0.1; DIM] })),
+            ..Default::default()
+        },
+    ];
+    let r = ingest(&mut client, vec![batch("mixed", 1, items)]).await.unwrap();
+    assert_eq!(r[0].indexed, 1);
+    assert_eq!(r[0].errors.len(), 1);
+    assert_eq!(r[0].errors[0].position, 0);
+}
