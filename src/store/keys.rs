@@ -6,7 +6,8 @@
 //! | `P`                                        | hyperplane matrix, f32 LE, row-major   |
 //! | `N`                                        | next item number, u32 BE               |
 //! | `C`                                        | live item count, u64 BE                |
-//! | `B` table u16 ‖ code u64 ‖ chunk u32       | item numbers of the bucket, u32 LE each |
+//! | `B` table u16 ‖ code u64 ‖ chunk u32       | sealed chunk: item numbers, u32 LE each |
+//! | `B` table u16 ‖ code u64 ‖ `OPEN_CHUNK`    | sealed-chunk count u32 LE ‖ item numbers |
 //! | `I` item u32                               | `ItemRecord` (protobuf)                |
 //! | `K` external id bytes                      | item number, u32 BE                    |
 
@@ -14,6 +15,8 @@ pub const HYPERPLANES: &[u8] = b"P";
 pub const NEXT_ITEM: &[u8] = b"N";
 pub const ITEM_COUNT: &[u8] = b"C";
 const BUCKET: u8 = b'B';
+/// Chunk number of a bucket's open chunk, the one appends go to; it sorts after sealed chunks.
+pub const OPEN_CHUNK: u32 = u32::MAX;
 const ITEM: u8 = b'I';
 const ID: u8 = b'K';
 
@@ -67,6 +70,20 @@ pub fn decode_items(bytes: &[u8], out: &mut Vec<u32>) {
     out.extend(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
 }
 
+pub fn encode_open_chunk(sealed_count: u32, items: &[u32]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(4 + 4 * items.len());
+    value.extend_from_slice(&sealed_count.to_le_bytes());
+    value.extend(items.iter().flat_map(|i| i.to_le_bytes()));
+    value
+}
+
+/// Appends the open chunk's items to `out` and returns its sealed-chunk count.
+pub fn decode_open_chunk(bytes: &[u8], out: &mut Vec<u32>) -> Option<u32> {
+    let (count, items) = bytes.split_first_chunk::<4>()?;
+    decode_items(items, out);
+    Some(u32::from_le_bytes(*count))
+}
+
 pub fn decode_u32(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -97,6 +114,13 @@ mod tests {
         fn item_lists_round_trip(items in prop::collection::vec(any::<u32>(), 0..100)) {
             let mut out = Vec::new();
             decode_items(&encode_items(&items), &mut out);
+            prop_assert_eq!(out, items);
+        }
+
+        #[test]
+        fn open_chunks_round_trip(count in any::<u32>(), items in prop::collection::vec(any::<u32>(), 0..100)) {
+            let mut out = Vec::new();
+            prop_assert_eq!(decode_open_chunk(&encode_open_chunk(count, &items), &mut out), Some(count));
             prop_assert_eq!(out, items);
         }
 

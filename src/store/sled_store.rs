@@ -249,7 +249,7 @@ impl SledIndex {
     ) -> Result<&'a mut BucketEdit, StoreError> {
         Ok(match edits.entry((table, code)) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(BucketEdit::load_tail(&self.tree, table, code)?),
+            Entry::Vacant(v) => v.insert(BucketEdit::load_open(&self.tree, table, code)?),
         })
     }
 
@@ -370,7 +370,12 @@ impl IndexStore for SledIndex {
 
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError> {
         for chunk in self.tree.scan_prefix(keys::bucket_prefix(table, code)) {
-            keys::decode_items(&chunk?.1, out);
+            let (key, value) = chunk?;
+            if chunk_number(&key)? == keys::OPEN_CHUNK {
+                keys::decode_open_chunk(&value, out).ok_or_else(|| StoreError::Corrupt("open bucket chunk".into()))?;
+            } else {
+                keys::decode_items(&value, out);
+            }
         }
         Ok(())
     }
@@ -416,62 +421,84 @@ impl IndexStore for SledIndex {
     }
 }
 
-/// Pending changes to one bucket within a write batch. Appends need only the last chunk;
-/// a removal loads the rest.
+/// Pending changes to one bucket within a write batch.
+///
+/// A bucket is an open chunk (key chunk number `OPEN_CHUNK`, value: sealed-chunk count u32 LE
+/// then items) plus sealed chunks `0, 1, …` of `CHUNK_CAPACITY` items. An append reads and
+/// rewrites only the open chunk (a point read); a removal also loads the sealed ones.
 struct BucketEdit {
     table: u16,
     code: u64,
-    chunks: BTreeMap<u32, Vec<u32>>,
-    dirty: BTreeSet<u32>,
-    complete: bool,
+    /// Sealed chunks created so far (the next sealed chunk's number; numbers are never reused).
+    sealed_count: u32,
+    open: Vec<u32>,
+    open_dirty: bool,
+    sealed: BTreeMap<u32, Vec<u32>>,
+    sealed_dirty: BTreeSet<u32>,
+    sealed_loaded: bool,
 }
 
 impl BucketEdit {
-    fn load_tail(tree: &sled::Tree, table: u16, code: u64) -> Result<Self, StoreError> {
-        let mut edit = Self { table, code, chunks: BTreeMap::new(), dirty: BTreeSet::new(), complete: true };
-        if let Some(entry) = tree.scan_prefix(keys::bucket_prefix(table, code)).next_back() {
-            let (key, value) = entry?;
-            let chunk = chunk_number(&key)?;
-            let mut items = Vec::new();
-            keys::decode_items(&value, &mut items);
-            edit.chunks.insert(chunk, items);
-            edit.complete = chunk == 0;
+    fn load_open(tree: &sled::Tree, table: u16, code: u64) -> Result<Self, StoreError> {
+        let mut edit = Self {
+            table,
+            code,
+            sealed_count: 0,
+            open: Vec::new(),
+            open_dirty: false,
+            sealed: BTreeMap::new(),
+            sealed_dirty: BTreeSet::new(),
+            sealed_loaded: false,
+        };
+        if let Some(value) = tree.get(keys::bucket_chunk(table, code, keys::OPEN_CHUNK))? {
+            edit.sealed_count = keys::decode_open_chunk(&value, &mut edit.open)
+                .ok_or_else(|| StoreError::Corrupt(format!("open chunk of bucket {code:x} in table {table}")))?;
         }
+        edit.sealed_loaded = edit.sealed_count == 0;
         Ok(edit)
     }
 
-    fn load_rest(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
-        if self.complete {
+    fn load_sealed(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+        if self.sealed_loaded {
             return Ok(());
         }
         for entry in tree.scan_prefix(keys::bucket_prefix(self.table, self.code)) {
             let (key, value) = entry?;
-            self.chunks.entry(chunk_number(&key)?).or_insert_with(|| {
-                let mut items = Vec::new();
-                keys::decode_items(&value, &mut items);
-                items
-            });
+            let chunk = chunk_number(&key)?;
+            if chunk != keys::OPEN_CHUNK {
+                self.sealed.entry(chunk).or_insert_with(|| {
+                    let mut items = Vec::new();
+                    keys::decode_items(&value, &mut items);
+                    items
+                });
+            }
         }
-        self.complete = true;
+        self.sealed_loaded = true;
         Ok(())
     }
 
     fn append(&mut self, item: u32) {
-        let chunk = match self.chunks.last_key_value() {
-            Some((&last, items)) if items.len() < CHUNK_CAPACITY => last,
-            Some((&last, _)) => last + 1,
-            None => 0,
-        };
-        self.chunks.entry(chunk).or_default().push(item);
-        self.dirty.insert(chunk);
+        self.open.push(item);
+        self.open_dirty = true;
+        if self.open.len() == CHUNK_CAPACITY {
+            let chunk = self.sealed_count;
+            self.sealed_count += 1;
+            self.sealed.insert(chunk, std::mem::take(&mut self.open));
+            self.sealed_dirty.insert(chunk);
+        }
     }
 
     fn remove(&mut self, tree: &sled::Tree, item: u32) -> Result<(), StoreError> {
-        self.load_rest(tree)?;
-        for (&chunk, items) in self.chunks.iter_mut() {
+        if let Some(pos) = self.open.iter().position(|&i| i == item) {
+            self.open.remove(pos);
+            self.open_dirty = true;
+            return Ok(());
+        }
+        self.load_sealed(tree)?;
+        for (&chunk, items) in self.sealed.iter_mut() {
             if let Some(pos) = items.iter().position(|&i| i == item) {
                 items.remove(pos);
-                self.dirty.insert(chunk);
+                self.sealed_dirty.insert(chunk);
                 return Ok(());
             }
         }
@@ -479,11 +506,19 @@ impl BucketEdit {
     }
 
     fn write(self, batch: &mut sled::Batch) {
-        for chunk in self.dirty {
+        for chunk in self.sealed_dirty {
             let key = keys::bucket_chunk(self.table, self.code, chunk);
-            match self.chunks.get(&chunk) {
+            match self.sealed.get(&chunk) {
                 Some(items) if !items.is_empty() => batch.insert(&key, keys::encode_items(items)),
                 _ => batch.remove(&key),
+            }
+        }
+        if self.open_dirty {
+            let key = keys::bucket_chunk(self.table, self.code, keys::OPEN_CHUNK);
+            if self.open.is_empty() && self.sealed_count == 0 {
+                batch.remove(&key);
+            } else {
+                batch.insert(&key, keys::encode_open_chunk(self.sealed_count, &self.open));
             }
         }
     }

@@ -1,0 +1,230 @@
+//! Ingest and query through the real gRPC server (the release binary on loopback).
+//!
+//!     cargo bench --bench service                 # 100k vectors, K=8 and K=16
+//!     cargo bench --bench service -- --items 20000 --streams 4
+//!
+//! Prints vectors/s acknowledged (durable), query latency percentiles, bytes on disk per item,
+//! and the time from process start to the first answered query after a restart.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imagelsh::proto::image_index_client::ImageIndexClient;
+use imagelsh::proto::{CreateIndexRequest, Embedding, IngestRequest, Item, QueryRequest, item::Content, query_request};
+use tonic::transport::Channel;
+
+const DIM: usize = 1280;
+const BATCH: usize = 256;
+const TABLES: u32 = 10;
+
+struct Args {
+    items: usize,
+    queries: usize,
+    streams: usize,
+    bits: Vec<u32>,
+}
+
+fn args() -> Args {
+    let mut a = Args { items: 100_000, queries: 1_000, streams: 1, bits: vec![8, 16] };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let value = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--items" => a.items = value.parse().expect("--items N"),
+            "--queries" => a.queries = value.parse().expect("--queries N"),
+            "--streams" => a.streams = value.parse().expect("--streams N"),
+            "--bits" => a.bits = value.split(',').map(|b| b.parse().expect("--bits 8,16")).collect(),
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// SplitMix64: deterministic data without an RNG dependency.
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// Vectors around 1,000 centres, flattened row-major.
+fn clustered(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng(seed);
+    let centres: Vec<f32> = (0..1000 * DIM).map(|_| rng.unit()).collect();
+    let mut out = Vec::with_capacity(n * DIM);
+    for i in 0..n {
+        let c = &centres[(i % 1000) * DIM..][..DIM];
+        out.extend(c.iter().map(|x| x + 0.3 * rng.unit()));
+    }
+    out
+}
+
+struct Server(Child, String);
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        Server(child, addr)
+    }
+    async fn client(&self) -> ImageIndexClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.1)).unwrap().connect().await.unwrap();
+        ImageIndexClient::new(ch).max_encoding_message_size(64 << 20)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    let m = e.metadata().unwrap();
+                    if m.is_dir() { dir_bytes(&e.path()) } else { m.len() }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn query(v: &[f32]) -> QueryRequest {
+    QueryRequest {
+        index: "bench".into(),
+        query: Some(query_request::Query::Embedding(Embedding { values: v.to_vec() })),
+        top_k: 10,
+        ..Default::default()
+    }
+}
+
+async fn run(bits: u32, a: &Args, data: &[f32], queries: &[f32]) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut client = server.client().await;
+    client
+        .create_index(CreateIndexRequest {
+            name: "bench".into(),
+            dim: DIM as u32,
+            hash_bits: bits,
+            tables: TABLES,
+            seed: 1,
+        })
+        .await
+        .unwrap();
+
+    let start = Instant::now();
+    let rows: Vec<&[f32]> = data.chunks(DIM).collect();
+    let per_stream = rows.len().div_ceil(a.streams);
+    let mut tasks = Vec::new();
+    for (s, part) in rows.chunks(per_stream).enumerate() {
+        let batches: Vec<IngestRequest> = part
+            .chunks(BATCH)
+            .enumerate()
+            .map(|(b, chunk)| IngestRequest {
+                index: "bench".into(),
+                batch_id: b as u64,
+                items: chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Item {
+                        id: format!("s{s}-{b}-{i}"),
+                        content: Some(Content::Embedding(Embedding { values: v.to_vec() })),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            // Built lazily so that encoding overlaps with the server's work, as in a real client.
+            let mut acks = client.ingest(tokio_stream::iter(batches)).await.unwrap().into_inner();
+            let mut n = 0;
+            while let Some(r) = acks.message().await.unwrap() {
+                n += r.indexed as usize;
+            }
+            n
+        }));
+    }
+    let mut indexed = 0;
+    for t in tasks {
+        indexed += t.await.unwrap();
+    }
+    let ingest = start.elapsed();
+    assert_eq!(indexed, rows.len());
+
+    let mut latencies = Vec::with_capacity(a.queries);
+    let mut candidates = 0u64;
+    for q in queries.chunks(DIM) {
+        let t = Instant::now();
+        let r = client.query(query(q)).await.unwrap().into_inner();
+        latencies.push(t.elapsed());
+        candidates += u64::from(r.candidates);
+    }
+    latencies.sort();
+    drop(client);
+    drop(server);
+    let bytes = dir_bytes(dir.path());
+
+    // Restart: process start to first answered query.
+    let t = Instant::now();
+    let server = Server::start(dir.path());
+    let mut client = server.client().await;
+    client.query(query(&queries[..DIM])).await.unwrap();
+    let first_query = t.elapsed();
+
+    println!(
+        "| K={bits:<2} L={TABLES} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>7.0} | {:>6} |",
+        indexed,
+        indexed as f64 / ingest.as_secs_f64(),
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        candidates as f64 / latencies.len() as f64,
+        bytes as f64 / indexed as f64,
+        first_query.as_millis(),
+    );
+}
+
+fn main() {
+    let a = args();
+    let data = clustered(a.items, 1);
+    let queries = clustered(a.queries, 2);
+    println!(
+        "ingest: {} clustered {DIM}-d vectors in batches of {BATCH} over {} stream(s), durable acks; {} queries top_k=10",
+        a.items, a.streams, a.queries
+    );
+    println!("| index      | items   | vec/s  | q p50 ms | q p99 ms | cand/query | B/item | restart→1st query ms |");
+    println!("|------------|---------|--------|----------|----------|------------|--------|----------------------|");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for &bits in &a.bits {
+        rt.block_on(run(bits, &a, &data, &queries));
+    }
+}
