@@ -5,8 +5,10 @@
 
 pub mod api;
 pub mod config;
+pub mod embed;
 pub mod index;
 pub mod lsh;
+pub mod pipeline;
 pub mod store;
 
 /// The public wire contract, `imagelsh.v1`.

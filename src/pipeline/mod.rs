@@ -1,0 +1,81 @@
+//! Images → embeddings: parallel decoding on a bounded pool, then the dynamic batcher in
+//! front of the model. Knows nothing of gRPC or of indexes.
+
+mod batcher;
+mod decode;
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use tokio::sync::Semaphore;
+
+pub use batcher::{BatchError, Batcher, BatcherConfig, BatcherStats};
+pub use decode::{DecodeError, DecodeLimits, Preprocessor, decode_rgb};
+
+use crate::embed::{Embedder, ModelCard};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ImageError {
+    /// This image is bad; others go on.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// The pipeline cannot take the work now.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+pub struct ImagePipeline {
+    preprocessor: Arc<Preprocessor>,
+    decode_slots: Arc<Semaphore>,
+    batcher: Batcher,
+    card: ModelCard,
+    provider: String,
+}
+
+impl ImagePipeline {
+    /// Must be called inside a tokio runtime (it starts the batcher).
+    pub fn start(embedder: Arc<dyn Embedder>, limits: DecodeLimits, decode_workers: usize, batcher: BatcherConfig) -> Self {
+        let card = embedder.card().clone();
+        let provider = embedder.provider().to_string();
+        Self {
+            preprocessor: Arc::new(Preprocessor::new(card.clone(), limits)),
+            decode_slots: Arc::new(Semaphore::new(decode_workers.max(1))),
+            batcher: Batcher::start(embedder, batcher),
+            card,
+            provider,
+        }
+    }
+
+    pub fn card(&self) -> &ModelCard {
+        &self.card
+    }
+
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    pub fn batcher_stats(&self) -> &BatcherStats {
+        self.batcher.stats()
+    }
+
+    /// Decodes and resizes on a blocking thread, at most `decode_workers` at once.
+    pub async fn preprocess(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+        let _slot = self.decode_slots.acquire().await.map_err(|_| BatchError::Stopped)?;
+        let preprocessor = self.preprocessor.clone();
+        tokio::task::spawn_blocking(move || preprocessor.preprocess(&image))
+            .await
+            .map_err(|e| DecodeError::Corrupt(format!("decoder failed: {e}")))?
+            .map_err(ImageError::from)
+    }
+
+    /// The embedding of one image.
+    pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+        let input = self.preprocess(image).await?;
+        Ok(self.batcher.embed(input).await?)
+    }
+
+    /// Embeddings of many images, in order; each image succeeds or fails alone.
+    pub async fn embed_all(&self, images: Vec<Vec<u8>>) -> Vec<Result<Vec<f32>, ImageError>> {
+        join_all(images.into_iter().map(|image| self.embed(image))).await
+    }
+}
