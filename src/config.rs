@@ -2,8 +2,12 @@
 //! environment variable.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgAction, Args};
+
+use crate::embed::Device;
+use crate::pipeline::{BatcherConfig, DecodeLimits};
 
 /// Embedding size of the default model (EfficientNet-Lite0): the `dim` of an index created
 /// with `dim = 0`.
@@ -20,6 +24,12 @@ pub struct StorageConfig {
 pub struct ServeConfig {
     #[command(flatten)]
     pub storage: StorageConfig,
+
+    #[command(flatten)]
+    pub model: ModelConfig,
+
+    #[command(flatten)]
+    pub pipeline: PipelineConfig,
 
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "IMAGELSH_LISTEN", default_value = "127.0.0.1:50051")]
@@ -44,4 +54,114 @@ pub struct ServeConfig {
     /// After SIGTERM, how long running calls may take before the process exits anyway.
     #[arg(long, env = "IMAGELSH_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelConfig {
+    /// The ONNX image model; its card is the `.json` file beside it.
+    #[arg(long, env = "IMAGELSH_MODEL", default_value = "models/efficientnet_lite0.onnx")]
+    pub model: PathBuf,
+
+    /// ONNX Runtime's `libonnxruntime.so.*`. Default: the one `scripts/setup-ort` installs in `./.venv`.
+    #[arg(long = "ort-lib", env = "ORT_DYLIB_PATH")]
+    pub ort_lib: Option<PathBuf>,
+
+    /// Where inference runs: `auto` tries CUDA and falls back to CPU.
+    #[arg(long, env = "IMAGELSH_DEVICE", value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+
+    /// Threads per inference (CPU provider). Default: the cores available.
+    #[arg(long, env = "IMAGELSH_INTRA_THREADS")]
+    pub intra_threads: Option<usize>,
+
+    /// Serve embeddings only (no model, no ONNX Runtime): image items and queries are refused.
+    #[arg(long, env = "IMAGELSH_NO_MODEL")]
+    pub no_model: bool,
+}
+
+impl ModelConfig {
+    /// The ONNX Runtime library: the flag or variable, else the one in `./.venv`.
+    pub fn ort_library(&self) -> Result<PathBuf, String> {
+        if let Some(path) = &self.ort_lib {
+            return Ok(path.clone());
+        }
+        venv_ort_library(std::path::Path::new(".")).ok_or_else(|| {
+            "no ONNX Runtime library: run scripts/setup-ort, or pass --ort-lib / ORT_DYLIB_PATH \
+             (or --no-model to serve embeddings only)"
+                .to_string()
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.intra_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PipelineConfig {
+    /// Largest inference batch. Default: 8 on CPU (bigger batches are slower per image on
+    /// few cores), 64 on CUDA.
+    #[arg(long, env = "IMAGELSH_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+
+    /// How long the oldest queued image may wait for its batch to fill, milliseconds.
+    #[arg(long, env = "IMAGELSH_MAX_DELAY_MS", default_value_t = 2)]
+    pub max_delay_ms: u64,
+
+    /// Images waiting for the model, at most (each holds its decoded tensor, ~600 KB).
+    #[arg(long, env = "IMAGELSH_QUEUE_CAPACITY", default_value_t = 128)]
+    pub queue_capacity: usize,
+
+    /// How long a request may wait for room in the queue before RESOURCE_EXHAUSTED, milliseconds.
+    #[arg(long, env = "IMAGELSH_QUEUE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub queue_timeout_ms: u64,
+
+    /// Parallel decoders. Default: the cores available.
+    #[arg(long, env = "IMAGELSH_DECODE_WORKERS")]
+    pub decode_workers: Option<usize>,
+
+    /// Largest encoded image, bytes.
+    #[arg(long, env = "IMAGELSH_MAX_IMAGE_BYTES", default_value_t = 32 << 20)]
+    pub max_image_bytes: usize,
+
+    /// Largest image width or height, pixels (checked before decoding).
+    #[arg(long, env = "IMAGELSH_MAX_IMAGE_SIDE", default_value_t = 12_000)]
+    pub max_image_side: u32,
+}
+
+impl PipelineConfig {
+    pub fn batcher(&self, provider: &str) -> BatcherConfig {
+        BatcherConfig {
+            max_batch: self.max_batch.unwrap_or(if provider == "CUDA" { 64 } else { 8 }),
+            max_delay: Duration::from_millis(self.max_delay_ms),
+            queue_capacity: self.queue_capacity,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+        }
+    }
+
+    pub fn limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_encoded_bytes: self.max_image_bytes,
+            max_side: self.max_image_side,
+            ..DecodeLimits::default()
+        }
+    }
+
+    pub fn decoders(&self) -> usize {
+        self.decode_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// `libonnxruntime.so.*` of the `onnxruntime` wheel in `root/.venv` (what `scripts/setup-ort`
+/// installs), if there is one.
+pub fn venv_ort_library(root: &std::path::Path) -> Option<PathBuf> {
+    let pythons = std::fs::read_dir(root.join(".venv/lib")).ok()?;
+    pythons.flatten().find_map(|python| {
+        let capi = python.path().join("site-packages/onnxruntime/capi");
+        std::fs::read_dir(capi)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so.")))
+    })
 }

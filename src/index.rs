@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
 
-use crate::lsh::{Hyperplanes, LshError, LshShape, VoteCounter};
-use crate::store::{Catalog, IndexDef, IndexStore, NewItem, StoreError};
+use crate::lsh::{Hyperplanes, LshError, LshShape, VoteCounter, cosine};
+use crate::store::{Catalog, IndexDef, IndexStore, NewItem, StoreError, StoredItem};
 
 /// The original notebook's K and L.
 pub const DEFAULT_HASH_BITS: u32 = 8;
@@ -99,6 +99,8 @@ pub struct QueryOptions {
     /// 0 means `DEFAULT_TOP_K`.
     pub top_k: u32,
     pub min_votes: u32,
+    /// Rank the candidates by exact cosine similarity with their stored embeddings.
+    pub rerank: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,6 +223,24 @@ impl Index {
         Ok(IndexInfo { def: self.def().clone(), items: self.store.len()? })
     }
 
+    /// Whether embeddings of `model` (of dimension `dim`) belong in this index.
+    pub fn accepts_model(&self, model: &str, dim: u32) -> Result<(), IndexError> {
+        let def = self.def();
+        if def.dim != dim {
+            return Err(IndexError::InvalidArgument(format!(
+                "index {:?} has dimension {}, the model {model:?} produces {dim}",
+                def.name, def.dim
+            )));
+        }
+        if !def.model.is_empty() && def.model != model {
+            return Err(IndexError::InvalidArgument(format!(
+                "index {:?} holds embeddings of model {:?}, this server runs {model:?}",
+                def.name, def.model
+            )));
+        }
+        Ok(())
+    }
+
     fn check_vector(&self, vector: &[f32]) -> Result<(), String> {
         let dim = self.def().dim as usize;
         if vector.len() != dim {
@@ -324,26 +344,50 @@ impl Index {
             votes.remove(number);
         }
 
-        let contenders: HashMap<u32, u32> = votes.contenders(top_k, options.min_votes).into_iter().collect();
-        let numbers: Vec<u32> = contenders.keys().copied().collect();
-        let mut items = self.store.items(&numbers)?;
-        items.sort_by(|a, b| contenders[&b.number].cmp(&contenders[&a.number]).then_with(|| a.id.cmp(&b.id)));
-        items.truncate(top_k);
         let tables = self.def().tables as f32;
-        let hits = items
-            .into_iter()
-            .map(|item| {
-                let v = contenders[&item.number];
-                Hit {
-                    id: item.id,
-                    label: item.label,
-                    votes: v,
-                    score: v as f32 / tables,
-                    similarity: 0.0,
-                    metadata: item.metadata,
-                }
-            })
-            .collect();
+        let hit = |item: StoredItem, votes: u32, similarity: f32| Hit {
+            id: item.id,
+            label: item.label,
+            votes,
+            score: votes as f32 / tables,
+            similarity,
+            metadata: item.metadata,
+        };
+        let hits = if options.rerank {
+            // Exact cosine over every candidate; votes only filter (min_votes).
+            let mut scored = Vec::new();
+            for (number, v) in votes.at_least(options.min_votes) {
+                scored.push((cosine(&vector, &self.store.vector(number)?), v, number));
+            }
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+            scored.truncate(top_k);
+            let numbers: Vec<u32> = scored.iter().map(|s| s.2).collect();
+            let by_number: HashMap<u32, (f32, u32)> = scored.iter().map(|&(sim, v, n)| (n, (sim, v))).collect();
+            let mut hits: Vec<Hit> = self
+                .store
+                .items(&numbers)?
+                .into_iter()
+                .map(|item| {
+                    let (sim, v) = by_number[&item.number];
+                    hit(item, v, sim)
+                })
+                .collect();
+            hits.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.id.cmp(&b.id)));
+            hits
+        } else {
+            let contenders: HashMap<u32, u32> = votes.contenders(top_k, options.min_votes).into_iter().collect();
+            let numbers: Vec<u32> = contenders.keys().copied().collect();
+            let mut items = self.store.items(&numbers)?;
+            items.sort_by(|a, b| contenders[&b.number].cmp(&contenders[&a.number]).then_with(|| a.id.cmp(&b.id)));
+            items.truncate(top_k);
+            items
+                .into_iter()
+                .map(|item| {
+                    let v = contenders[&item.number];
+                    hit(item, v, 0.0)
+                })
+                .collect()
+        };
         Ok(QueryResult { hits, candidates: votes.candidates() as u32 })
     }
 }
@@ -433,7 +477,8 @@ mod tests {
         let by_id = index.query(QueryBy::Id("same-a".into()), &QueryOptions::default()).unwrap();
         assert_eq!(by_id.hits[0].id, "same-b");
         assert!(by_id.hits.iter().all(|h| h.id != "same-a"));
-        let strict = index.query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8 }).unwrap();
+        let strict =
+            index.query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8, rerank: false }).unwrap();
         assert_eq!(strict.hits.len(), 1);
         assert!(matches!(
             index.query(QueryBy::Id("nope".into()), &QueryOptions::default()),

@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use imagelsh::api::{self, Limits};
-use imagelsh::config::{DEFAULT_MODEL_DIM, ServeConfig, StorageConfig};
+use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
+use imagelsh::embed::{ModelCard, OnnxEmbedder, OrtOptions};
 use imagelsh::index::Engine;
+use imagelsh::pipeline::ImagePipeline;
 use imagelsh::store::{SledCatalog, SledOptions, migrate};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -64,7 +66,14 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let catalog = tokio::task::spawn_blocking(move || SledCatalog::open(&data_dir, &options))
         .await?
         .with_context(|| format!("opening data directory {}", config.storage.data_dir.display()))?;
-    let engine = Arc::new(Engine::new(Arc::new(catalog), DEFAULT_MODEL_DIM));
+    let pipeline = if config.model.no_model {
+        tracing::info!("no embedding model: serving embeddings only");
+        None
+    } else {
+        Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
+    };
+    let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
+    let engine = Arc::new(Engine::new(Arc::new(catalog), default_dim));
 
     let listener =
         TcpListener::bind(&config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
@@ -78,7 +87,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     let limits =
         Limits { max_message_bytes: config.max_message_bytes, max_concurrent_streams: config.max_concurrent_streams };
-    let mut server = tokio::spawn(api::serve(engine.clone(), listener, limits, shutdown.clone()));
+    let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, limits, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::select! {
         result = &mut server => result??,
@@ -90,6 +99,25 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || engine.flush()).await??;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn start_pipeline(model: &ModelConfig, pipeline: &PipelineConfig) -> anyhow::Result<ImagePipeline> {
+    let library = model.ort_library().map_err(anyhow::Error::msg)?;
+    let card_path = ModelCard::path_for(&model.model);
+    let card = ModelCard::load(&card_path)?;
+    let options = OrtOptions { library, device: model.device, intra_threads: model.threads() };
+    let model_path = model.model.clone();
+    let embedder = tokio::task::spawn_blocking(move || OnnxEmbedder::load(&model_path, card, &options))
+        .await?
+        .with_context(|| format!("loading model {}", model.model.display()))?;
+    let batcher = pipeline.batcher(embedder_provider(&embedder));
+    tracing::info!(max_batch = batcher.max_batch, max_delay = ?batcher.max_delay, queue = batcher.queue_capacity, "batcher");
+    Ok(ImagePipeline::start(Arc::new(embedder), pipeline.limits(), pipeline.decoders(), batcher))
+}
+
+fn embedder_provider(embedder: &OnnxEmbedder) -> &str {
+    use imagelsh::embed::Embedder;
+    embedder.provider()
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

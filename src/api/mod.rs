@@ -15,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::index::Engine;
+use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndexServer;
 pub use service::ImageIndexService;
 
@@ -45,6 +46,7 @@ impl Default for Limits {
 /// the batch in hand and end, and this returns once every call has completed.
 pub async fn serve(
     engine: Arc<Engine>,
+    pipeline: Option<Arc<ImagePipeline>>,
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
@@ -58,7 +60,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let image_index = ImageIndexServer::new(ImageIndexService::new(engine, shutdown.clone()))
+    let image_index = ImageIndexServer::new(ImageIndexService::new(engine, pipeline, shutdown.clone()))
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let image_index = InterceptedService::new(image_index, RefuseWhenShuttingDown(shutdown.clone()));

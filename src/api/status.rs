@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::index::IndexError;
+use crate::pipeline::BatchError;
 use crate::store::StoreError;
 
 impl From<IndexError> for Status {
@@ -29,6 +30,19 @@ impl From<IndexError> for Status {
     }
 }
 
+impl From<BatchError> for Status {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+            BatchError::Stopped => Status::unavailable(e.to_string()),
+            BatchError::Inference(_) => {
+                tracing::error!(error = %e, "inference failed");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +62,7 @@ mod tests {
         for (error, code) in cases {
             assert_eq!(Status::from(error).code(), code);
         }
+        assert_eq!(Status::from(BatchError::QueueFull(std::time::Duration::ZERO)).code(), Code::ResourceExhausted);
+        assert_eq!(Status::from(BatchError::Stopped).code(), Code::Unavailable);
     }
 }

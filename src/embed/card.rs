@@ -55,7 +55,8 @@ impl ModelCard {
 
     pub fn load(path: &Path) -> Result<Self, EmbedError> {
         let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
-        let card: Self = serde_json::from_str(&text).map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
+        let card: Self =
+            serde_json::from_str(&text).map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
         card.validate().map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
         Ok(card)
     }
@@ -67,7 +68,7 @@ impl ModelCard {
         if self.resize_shorter_side < self.width.max(self.height) {
             return Err("resize_shorter_side must be at least the crop size".into());
         }
-        if self.std.iter().any(|s| *s == 0.0) || !self.scale.is_finite() {
+        if self.std.contains(&0.0) || !self.scale.is_finite() {
             return Err("std must be non-zero and scale finite".into());
         }
         Ok(())

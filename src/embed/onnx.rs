@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ndarray::{Array2, ArrayView4, Ix2};
-use ort::ep;
 use ort::environment::Environment;
+use ort::ep;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::TensorRef;
@@ -75,7 +75,8 @@ impl OnnxEmbedder {
             .map_err(rt)?;
         let (builder, provider) = register_provider(builder, options.device)?;
         let mut builder = builder;
-        let session = builder.commit_from_file(model).map_err(|e| EmbedError::Model(format!("{}: {e}", model.display())))?;
+        let session =
+            builder.commit_from_file(model).map_err(|e| EmbedError::Model(format!("{}: {e}", model.display())))?;
 
         let has_input = session.inputs().iter().any(|i| i.name() == card.input);
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
@@ -92,7 +93,11 @@ impl OnnxEmbedder {
     }
 
     /// Embeddings and, when the card names one, the class scores (diagnostics and tests).
-    pub fn embed_with_logits(&self, batch: &[f32], rows: usize) -> Result<(Array2<f32>, Option<Array2<f32>>), EmbedError> {
+    pub fn embed_with_logits(
+        &self,
+        batch: &[f32],
+        rows: usize,
+    ) -> Result<(Array2<f32>, Option<Array2<f32>>), EmbedError> {
         let c = &self.card;
         let (h, w) = (c.height as usize, c.width as usize);
         let shape = match c.layout {
@@ -102,11 +107,15 @@ impl OnnxEmbedder {
         let input = ArrayView4::from_shape(shape, batch).map_err(|e| EmbedError::Inference(e.to_string()))?;
         let tensor = TensorRef::from_array_view(input).map_err(|e| EmbedError::Inference(e.to_string()))?;
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let outputs = session.run(ort::inputs![c.input.as_str() => tensor]).map_err(|e| EmbedError::Inference(e.to_string()))?;
+        let outputs =
+            session.run(ort::inputs![c.input.as_str() => tensor]).map_err(|e| EmbedError::Inference(e.to_string()))?;
         let extract = |name: &str| -> Result<Array2<f32>, EmbedError> {
             let value = outputs.get(name).ok_or_else(|| EmbedError::Inference(format!("no output {name:?}")))?;
             let array = value.try_extract_array::<f32>().map_err(|e| EmbedError::Inference(e.to_string()))?;
-            array.to_owned().into_dimensionality::<Ix2>().map_err(|e| EmbedError::Inference(format!("output {name:?}: {e}")))
+            array
+                .to_owned()
+                .into_dimensionality::<Ix2>()
+                .map_err(|e| EmbedError::Inference(format!("output {name:?}: {e}")))
         };
         let embeddings = extract(&c.embedding_output)?;
         if embeddings.nrows() != rows || embeddings.ncols() != c.dim as usize {
@@ -138,7 +147,8 @@ fn register_provider(builder: SessionBuilder, device: Device) -> Result<(Session
             Ok(b) => Ok((b, "CUDA")),
             Err(e) => {
                 tracing::warn!(reason = %e, "CUDA execution provider unavailable; running on CPU");
-                let b = e.recover().with_execution_providers([cpu()]).map_err(|e| EmbedError::Provider(e.to_string()))?;
+                let b =
+                    e.recover().with_execution_providers([cpu()]).map_err(|e| EmbedError::Provider(e.to_string()))?;
                 Ok((b, "CPU"))
             }
         },

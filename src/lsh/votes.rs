@@ -28,6 +28,11 @@ impl VoteCounter {
         self.votes.len()
     }
 
+    /// Every `(item, votes)` pair with at least `min_votes` votes.
+    pub fn at_least(&self, min_votes: u32) -> Vec<(u32, u32)> {
+        self.votes.iter().filter(|&(_, &v)| v >= min_votes).map(|(&i, &v)| (i, v)).collect()
+    }
+
     /// The `(item, votes)` pairs that could be among the `top_k` best once ties are broken,
     /// leaving out items with fewer than `min_votes` votes: every item with more votes than
     /// the `top_k`-th best, and all items tied with it.

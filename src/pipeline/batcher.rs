@@ -76,7 +76,12 @@ impl Batcher {
     }
 }
 
-async fn run(embedder: Arc<dyn Embedder>, config: BatcherConfig, mut jobs: mpsc::Receiver<Job>, stats: Arc<BatcherStats>) {
+async fn run(
+    embedder: Arc<dyn Embedder>,
+    config: BatcherConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: Arc<BatcherStats>,
+) {
     let max_batch = config.max_batch.max(1);
     while let Some(first) = jobs.recv().await {
         let deadline = Instant::now() + config.max_delay;
@@ -163,7 +168,12 @@ mod tests {
     }
 
     fn config(max_batch: usize, max_delay_ms: u64, queue_capacity: usize) -> BatcherConfig {
-        BatcherConfig { max_batch, max_delay: Duration::from_millis(max_delay_ms), queue_capacity, queue_timeout: Duration::from_secs(5) }
+        BatcherConfig {
+            max_batch,
+            max_delay: Duration::from_millis(max_delay_ms),
+            queue_capacity,
+            queue_timeout: Duration::from_secs(5),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +210,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn full_queue_holds_callers_back_then_refuses_after_the_timeout() {
         let model = Recorder::new(Duration::from_millis(300));
-        let batcher = Batcher::start(model.clone(), BatcherConfig { queue_timeout: Duration::from_millis(100), ..config(1, 0, 2) });
+        let batcher = Batcher::start(
+            model.clone(),
+            BatcherConfig { queue_timeout: Duration::from_millis(100), ..config(1, 0, 2) },
+        );
         // One item in the model, two in the queue: the fourth caller cannot get in.
         let running: Vec<_> = (0..3)
             .map(|i| {

@@ -77,9 +77,12 @@ impl Preprocessor {
         let top = (f64::from(h) - crop_h) / 2.0;
         let src = ImageRef::new(w, h, rgb.as_raw(), PixelType::U8x3).map_err(|e| DecodeError::Resize(e.to_string()))?;
         let mut dst = Image::new(self.card.width, self.card.height, PixelType::U8x3);
-        let options = ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(left.max(0.0), top.max(0.0), crop_w.min(f64::from(w)), crop_h.min(f64::from(h)));
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(
+            left.max(0.0),
+            top.max(0.0),
+            crop_w.min(f64::from(w)),
+            crop_h.min(f64::from(h)),
+        );
         Resizer::new().resize(&src, &mut dst, &options).map_err(|e| DecodeError::Resize(e.to_string()))?;
         Ok(dst.into_vec())
     }
@@ -90,12 +93,12 @@ impl Preprocessor {
         let mut out = vec![0f32; 3 * plane];
         let norm = |x: u8, ch: usize| (f32::from(x) * c.scale - c.mean[ch]) / c.std[ch];
         for (i, px) in pixels.chunks_exact(3).enumerate() {
-            for ch in 0..3 {
+            for (ch, &value) in px.iter().enumerate() {
                 let at = match c.layout {
                     Layout::Nchw => ch * plane + i,
                     Layout::Nhwc => i * 3 + ch,
                 };
-                out[at] = norm(px[ch], ch);
+                out[at] = norm(value, ch);
             }
         }
         out
@@ -111,7 +114,8 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Decod
     if bytes.len() > limits.max_encoded_bytes {
         return Err(DecodeError::TooManyBytes { bytes: bytes.len(), limit: limits.max_encoded_bytes });
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let mut reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
     if !matches!(reader.format(), Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) {
         return Err(DecodeError::UnsupportedFormat);
     }
@@ -237,7 +241,13 @@ mod tests {
         let mut jpeg = Vec::new();
         let mut encoder = image::codecs::jpeg::JpegEncoder::new(&mut jpeg);
         // Minimal big-endian TIFF: one IFD entry, Orientation (0x0112) = 6.
-        let exif = [b"MM\x00\x2a\x00\x00\x00\x08".as_slice(), &[0, 1], &[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0], &[0, 0, 0, 0]].concat();
+        let exif = [
+            b"MM\x00\x2a\x00\x00\x00\x08".as_slice(),
+            &[0, 1],
+            &[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0],
+            &[0, 0, 0, 0],
+        ]
+        .concat();
         encoder.set_exif_metadata(exif).unwrap();
         encoder.write_image(image.as_raw(), 40, 20, image::ExtendedColorType::Rgb8).unwrap();
         let decoded = decode_rgb(&jpeg, &DecodeLimits::default()).unwrap();

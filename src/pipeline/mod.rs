@@ -34,7 +34,12 @@ pub struct ImagePipeline {
 
 impl ImagePipeline {
     /// Must be called inside a tokio runtime (it starts the batcher).
-    pub fn start(embedder: Arc<dyn Embedder>, limits: DecodeLimits, decode_workers: usize, batcher: BatcherConfig) -> Self {
+    pub fn start(
+        embedder: Arc<dyn Embedder>,
+        limits: DecodeLimits,
+        decode_workers: usize,
+        batcher: BatcherConfig,
+    ) -> Self {
         let card = embedder.card().clone();
         let provider = embedder.provider().to_string();
         Self {

@@ -17,8 +17,15 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server without a model (embeddings only): starts fast and needs no ONNX Runtime.
     pub fn start(data_dir: &Path) -> Self {
-        Self::start_with(data_dir, &[])
+        Self::start_with(data_dir, &["--no-model"])
+    }
+
+    /// A server with the default model; the ONNX Runtime library comes from ORT_DYLIB_PATH or
+    /// the project's .venv (scripts/setup-ort), as for `imagelsh serve`.
+    pub fn start_with_model(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with(data_dir, extra_args)
     }
 
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
@@ -26,6 +33,7 @@ impl TestServer {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -169,4 +177,41 @@ pub fn query_vector(index: &str, v: &[f32], top_k: u32) -> proto::QueryRequest {
         top_k,
         ..Default::default()
     }
+}
+
+/// Debian's `python3-skimage` sample photos.
+pub const SKIMAGE_DATA: &str = "/usr/lib/python3/dist-packages/skimage/data";
+/// Debian's `dataset-fashion-mnist`.
+pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+pub fn read_data(path: impl AsRef<Path>) -> Vec<u8> {
+    let path = path.as_ref();
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs the test data)", path.display()))
+}
+
+/// The first `n` Fashion-MNIST test images as PNG files, with their class.
+pub fn fashion_mnist_pngs(n: usize) -> Vec<(Vec<u8>, u8)> {
+    use std::io::Read;
+    let gunzip = |name: &str| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(read_data(Path::new(FASHION_MNIST).join(name)).as_slice())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    let images = gunzip("t10k-images-idx3-ubyte.gz");
+    let labels = gunzip("t10k-labels-idx1-ubyte.gz");
+    (0..n)
+        .map(|i| {
+            let pixels = images[16 + i * 784..][..784].to_vec();
+            let image = image::GrayImage::from_raw(28, 28, pixels).unwrap();
+            let mut png = std::io::Cursor::new(Vec::new());
+            image.write_to(&mut png, image::ImageFormat::Png).unwrap();
+            (png.into_inner(), labels[8 + i])
+        })
+        .collect()
+}
+
+pub fn image_item(id: impl Into<String>, label: impl Into<String>, bytes: Vec<u8>) -> Item {
+    Item { id: id.into(), label: label.into(), metadata: Default::default(), content: Some(Content::Image(bytes)) }
 }
