@@ -74,6 +74,10 @@ pub struct ModelConfig {
     #[arg(long, env = "IMAGELSH_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
 
+    /// Let idle inference threads spin (faster inference, less CPU for everything else).
+    #[arg(long, env = "IMAGELSH_INTRA_SPINNING", default_value_t = false, action = ArgAction::Set)]
+    pub intra_spinning: bool,
+
     /// Serve embeddings only (no model, no ONNX Runtime): image items and queries are refused.
     #[arg(long, env = "IMAGELSH_NO_MODEL")]
     pub no_model: bool,

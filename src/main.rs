@@ -105,7 +105,8 @@ async fn start_pipeline(model: &ModelConfig, pipeline: &PipelineConfig) -> anyho
     let library = model.ort_library().map_err(anyhow::Error::msg)?;
     let card_path = ModelCard::path_for(&model.model);
     let card = ModelCard::load(&card_path)?;
-    let options = OrtOptions { library, device: model.device, intra_threads: model.threads() };
+    let options =
+        OrtOptions { library, device: model.device, intra_threads: model.threads(), spinning: model.intra_spinning };
     let model_path = model.model.clone();
     let embedder = tokio::task::spawn_blocking(move || OnnxEmbedder::load(&model_path, card, &options))
         .await?

@@ -295,9 +295,12 @@ fn the_model_classifies_the_cat_as_a_tabby_through_the_library() {
         .expect("ONNX Runtime library: set ORT_DYLIB_PATH or run scripts/setup-ort");
     let card = ModelCard::load(&ModelCard::path_for(Path::new(MODEL))).unwrap();
     let preprocessor = Preprocessor::new(card.clone(), DecodeLimits::default());
-    let embedder =
-        OnnxEmbedder::load(Path::new(MODEL), card, &OrtOptions { library, device: Device::Cpu, intra_threads: 2 })
-            .unwrap();
+    let embedder = OnnxEmbedder::load(
+        Path::new(MODEL),
+        card,
+        &OrtOptions { library, device: Device::Cpu, intra_threads: 2, spinning: false },
+    )
+    .unwrap();
     let cat = preprocessor.preprocess(&read_data(Path::new(SKIMAGE_DATA).join("chelsea.png"))).unwrap();
     let coffee = preprocessor.preprocess(&read_data(Path::new(SKIMAGE_DATA).join("coffee.png"))).unwrap();
     let (embeddings, logits) = embedder.embed_with_logits(&[cat, coffee].concat(), 2).unwrap();
@@ -326,4 +329,53 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_images_waits_outside_server_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with_model(dir.path(), &["--queue-capacity", "8", "--max-batch", "4", "--queue-timeout-ms", "120000"]);
+    let mut client = server.client().await;
+    client.create_index(proto::CreateIndexRequest { name: "flood".into(), ..Default::default() }).await.unwrap();
+    // Small photos: fast to decode, yet each becomes a 600 KB tensor.
+    let photo = image::open(Path::new(SKIMAGE_DATA).join("astronaut.png")).unwrap().resize_to_fill(80, 60, image::imageops::FilterType::Triangle).to_rgb8();
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&photo).unwrap();
+    embed(&mut client, vec![jpeg.clone()]).await; // warm the model up
+    let baseline = rss_mib(server.pid());
+
+    // 16 streams send 24 images each at once: 384 tensors (230 MB) if the server decoded
+    // everything it received (decoding is far faster than the model); the queue (8) and
+    // batches (3 × 4) bound it to ~12 MB.
+    let mut tasks = Vec::new();
+    for s in 0..16 {
+        let mut client = server.client().await;
+        let items = (0..24).map(|i| image_item(format!("{s}-{i}"), "", jpeg.clone())).collect();
+        tasks.push(tokio::spawn(async move { ingest(&mut client, vec![batch("flood", s, items)]).await.unwrap() }));
+    }
+    let pid = server.pid();
+    let peak_kib = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let peak_kib = peak_kib.clone();
+        tokio::spawn(async move {
+            loop {
+                peak_kib.fetch_max((rss_mib(pid) * 1024.0) as u64, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    for task in tasks {
+        assert_eq!(task.await.unwrap()[0].indexed, 24);
+    }
+    sampler.abort();
+    let peak = peak_kib.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
+    let growth = peak - baseline;
+    eprintln!("flood: baseline {baseline:.0} MiB, peak {peak:.0} MiB");
+    assert!(growth < 100.0, "server memory grew by {growth:.0} MiB under the flood");
 }

@@ -30,6 +30,9 @@ pub struct OrtOptions {
     pub device: Device,
     /// Threads inside one operator (CPU provider).
     pub intra_threads: usize,
+    /// Let idle intra-op threads spin: lower latency per call, but they burn the cores that
+    /// decoding and the server need.
+    pub spinning: bool,
 }
 
 /// The process-wide ONNX Runtime environment: the library can be loaded once only.
@@ -71,7 +74,7 @@ impl OnnxEmbedder {
             .map_err(rt)?
             .with_intra_threads(options.intra_threads.max(1))
             .map_err(rt)?
-            .with_intra_op_spinning(false)
+            .with_intra_op_spinning(options.spinning)
             .map_err(rt)?;
         let (builder, provider) = register_provider(builder, options.device)?;
         let mut builder = builder;

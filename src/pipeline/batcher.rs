@@ -1,6 +1,7 @@
 //! The dynamic batcher: items from every stream and call share one bounded queue in front of
 //! the model. A batch goes to the model when it holds `max_batch` items or when its oldest item
-//! has waited `max_delay`. A full queue makes callers wait (and so, through HTTP/2 flow
+//! has waited `max_delay`. At most `queue_capacity + 3 × max_batch` images are held at once
+//! (queued, being collected, handed to the model, in the model). A full queue makes callers wait (and so, through HTTP/2 flow
 //! control, the clients); a caller that cannot enqueue within `queue_timeout` gets an error.
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct BatcherStats {
     pub batches: AtomicU64,
     pub items: AtomicU64,
     pub largest_batch: AtomicU64,
+    /// Time the model spent on batches, nanoseconds.
+    pub busy_nanos: AtomicU64,
 }
 
 struct Job {
@@ -64,18 +67,35 @@ impl Batcher {
         &self.stats
     }
 
+    /// A place in the queue, waited for at most `queue_timeout`. Taking it before decoding
+    /// bounds the decoded images in memory by the queue, however many streams send.
+    pub async fn reserve(&self) -> Result<QueueSlot, BatchError> {
+        match tokio::time::timeout(self.queue_timeout, self.queue.clone().reserve_owned()).await {
+            Err(_) => Err(BatchError::QueueFull(self.queue_timeout)),
+            Ok(Err(_)) => Err(BatchError::Stopped),
+            Ok(Ok(permit)) => Ok(QueueSlot(permit)),
+        }
+    }
+
     /// The embedding of one preprocessed image.
     pub async fn embed(&self, input: Vec<f32>) -> Result<Vec<f32>, BatchError> {
+        self.reserve().await?.embed(input).await
+    }
+}
+
+/// A reserved place in the batcher's queue.
+pub struct QueueSlot(mpsc::OwnedPermit<Job>);
+
+impl QueueSlot {
+    pub async fn embed(self, input: Vec<f32>) -> Result<Vec<f32>, BatchError> {
         let (reply, answer) = oneshot::channel();
-        match tokio::time::timeout(self.queue_timeout, self.queue.send(Job { input, reply })).await {
-            Err(_) => return Err(BatchError::QueueFull(self.queue_timeout)),
-            Ok(Err(_)) => return Err(BatchError::Stopped),
-            Ok(Ok(())) => {}
-        }
+        self.0.send(Job { input, reply });
         answer.await.map_err(|_| BatchError::Stopped)?
     }
 }
 
+/// Collects batches on the async runtime and hands them to one dedicated inference thread:
+/// the model is always called from the same thread, and the runtime's threads never block.
 async fn run(
     embedder: Arc<dyn Embedder>,
     config: BatcherConfig,
@@ -83,6 +103,20 @@ async fn run(
     stats: Arc<BatcherStats>,
 ) {
     let max_batch = config.max_batch.max(1);
+    // One batch may wait while the model runs the previous one: collecting overlaps inference.
+    let (to_model, batches) = std::sync::mpsc::sync_channel::<Vec<Job>>(1);
+    let model_stats = stats.clone();
+    let spawned = std::thread::Builder::new().name("imagelsh-inference".into()).spawn(move || {
+        for batch in batches {
+            let started = std::time::Instant::now();
+            run_batch(embedder.as_ref(), batch);
+            model_stats.busy_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the inference thread");
+        return;
+    }
     while let Some(first) = jobs.recv().await {
         let deadline = Instant::now() + config.max_delay;
         let mut batch = vec![first];
@@ -92,38 +126,38 @@ async fn run(
                 Ok(None) | Err(_) => break,
             }
         }
+        tracing::trace!(rows = batch.len(), "batch to the model");
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
-        run_batch(&embedder, batch).await;
+        // Waits (off the runtime's workers) while the model is busy with the previous batch.
+        let to_model = to_model.clone();
+        let sent = tokio::task::spawn_blocking(move || to_model.send(batch)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::error!("the inference thread has stopped");
+            return;
+        }
     }
 }
 
-async fn run_batch(embedder: &Arc<dyn Embedder>, batch: Vec<Job>) {
+fn run_batch(embedder: &dyn Embedder, batch: Vec<Job>) {
     let rows = batch.len();
     let (inputs, replies): (Vec<Vec<f32>>, Vec<_>) = batch.into_iter().map(|j| (j.input, j.reply)).unzip();
-    let embedder = embedder.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let flat: Vec<f32> = inputs.concat();
-        embedder.embed(&flat, rows)
-    })
-    .await;
+    let started = std::time::Instant::now();
+    let flat: Vec<f32> = inputs.concat();
+    drop(inputs);
+    let result = embedder.embed(&flat, rows);
+    tracing::trace!(rows, elapsed = ?started.elapsed(), "inference");
     match result {
-        Ok(Ok(embeddings)) => {
+        Ok(embeddings) => {
             for (reply, row) in replies.into_iter().zip(embeddings.outer_iter()) {
                 let _ = reply.send(Ok(row.to_vec()));
             }
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             tracing::error!(error = %e, rows, "inference failed");
             for reply in replies {
                 let _ = reply.send(Err(BatchError::Inference(e.to_string())));
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, rows, "inference task failed");
-            for reply in replies {
-                let _ = reply.send(Err(BatchError::Inference("inference task failed".into())));
             }
         }
     }
@@ -214,8 +248,9 @@ mod tests {
             model.clone(),
             BatcherConfig { queue_timeout: Duration::from_millis(100), ..config(1, 0, 2) },
         );
-        // One item in the model, two in the queue: the fourth caller cannot get in.
-        let running: Vec<_> = (0..3)
+        // Besides the queue (2), at most three batches of 1 are out of it: one in the model, one
+        // handed to it, one being collected. The sixth caller cannot get in.
+        let running: Vec<_> = (0..5)
             .map(|i| {
                 let b = batcher.clone();
                 tokio::spawn(async move { b.embed(vec![i as f32]).await })

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use tokio::sync::Semaphore;
 
-pub use batcher::{BatchError, Batcher, BatcherConfig, BatcherStats};
+pub use batcher::{BatchError, Batcher, BatcherConfig, BatcherStats, QueueSlot};
 pub use decode::{DecodeError, DecodeLimits, Preprocessor, decode_rgb};
 
 use crate::embed::{Embedder, ModelCard};
@@ -73,10 +73,12 @@ impl ImagePipeline {
             .map_err(ImageError::from)
     }
 
-    /// The embedding of one image.
+    /// The embedding of one image. Its place in the model's queue is taken before decoding,
+    /// so that a flood of requests waits as encoded bytes, not as decoded tensors.
     pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+        let slot = self.batcher.reserve().await?;
         let input = self.preprocess(image).await?;
-        Ok(self.batcher.embed(input).await?)
+        Ok(slot.embed(input).await?)
     }
 
     /// Embeddings of many images, in order; each image succeeds or fails alone.

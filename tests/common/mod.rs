@@ -59,7 +59,7 @@ impl TestServer {
         Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect")
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
