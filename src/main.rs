@@ -29,6 +29,17 @@ enum Command {
     Serve(ServeConfig),
     /// Bring a data directory's on-disk layout up to this version (also done at every start).
     Migrate(StorageConfig),
+    /// Fill an index on a running server with real images found on this machine and query it.
+    Demo {
+        /// The server's address.
+        #[arg(long, env = "IMAGELSH_DEMO_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long, default_value = "demo")]
+        index: String,
+        /// Fashion-MNIST images to ingest.
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +55,10 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
         Command::Migrate(storage) => migrate_data_dir(&storage),
+        Command::Demo { addr, index, images } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            Ok(runtime.block_on(imagelsh::demo::run(&addr, &index, images))?)
+        }
     }
 }
 

@@ -333,18 +333,25 @@ fn crc32(bytes: &[u8]) -> u32 {
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let kb: f64 =
+        status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
     kb / 1024.0
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_images_waits_outside_server_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with_model(dir.path(), &["--queue-capacity", "8", "--max-batch", "4", "--queue-timeout-ms", "120000"]);
+    let server = TestServer::start_with_model(
+        dir.path(),
+        &["--queue-capacity", "8", "--max-batch", "4", "--queue-timeout-ms", "120000"],
+    );
     let mut client = server.client().await;
     client.create_index(proto::CreateIndexRequest { name: "flood".into(), ..Default::default() }).await.unwrap();
     // Small photos: fast to decode, yet each becomes a 600 KB tensor.
-    let photo = image::open(Path::new(SKIMAGE_DATA).join("astronaut.png")).unwrap().resize_to_fill(80, 60, image::imageops::FilterType::Triangle).to_rgb8();
+    let photo = image::open(Path::new(SKIMAGE_DATA).join("astronaut.png"))
+        .unwrap()
+        .resize_to_fill(80, 60, image::imageops::FilterType::Triangle)
+        .to_rgb8();
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&photo).unwrap();
     embed(&mut client, vec![jpeg.clone()]).await; // warm the model up

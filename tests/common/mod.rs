@@ -179,10 +179,7 @@ pub fn query_vector(index: &str, v: &[f32], top_k: u32) -> proto::QueryRequest {
     }
 }
 
-/// Debian's `python3-skimage` sample photos.
-pub const SKIMAGE_DATA: &str = "/usr/lib/python3/dist-packages/skimage/data";
-/// Debian's `dataset-fashion-mnist`.
-pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+pub use imagelsh::demo::{FASHION_MNIST, SKIMAGE_DATA};
 
 pub fn read_data(path: impl AsRef<Path>) -> Vec<u8> {
     let path = path.as_ref();
