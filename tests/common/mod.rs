@@ -179,6 +179,7 @@ pub fn query_vector(index: &str, v: &[f32], top_k: u32) -> proto::QueryRequest {
     }
 }
 
+#[allow(unused_imports)]
 pub use imagelsh::demo::{FASHION_MNIST, SKIMAGE_DATA};
 
 pub fn read_data(path: impl AsRef<Path>) -> Vec<u8> {
