@@ -137,6 +137,7 @@ async fn run(bits: u32, a: &Args, data: &[f32], queries: &[f32]) {
             hash_bits: bits,
             tables: TABLES,
             seed: 1,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -112,7 +112,8 @@ pub struct PipelineConfig {
     #[arg(long, env = "IMAGELSH_MAX_DELAY_MS", default_value_t = 2)]
     pub max_delay_ms: u64,
 
-    /// Images waiting for the model, at most (each holds its decoded tensor, ~600 KB).
+    /// Images waiting for the model, at most. Decoded images in memory stay under
+    /// queue-capacity + 4 × max-batch (~600 KB each for the default model).
     #[arg(long, env = "IMAGELSH_QUEUE_CAPACITY", default_value_t = 128)]
     pub queue_capacity: usize,
 

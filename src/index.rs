@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
 
-use crate::lsh::{Hyperplanes, LshError, LshShape, VoteCounter, cosine};
+use crate::lsh::{Hyperplanes, LshError, LshShape, VoteCounter, cosine, probe_codes};
 use crate::store::{Catalog, IndexDef, IndexStore, NewItem, StoreError, StoredItem};
 
 /// The original notebook's K and L.
@@ -16,6 +16,8 @@ pub const DEFAULT_TOP_K: u32 = 10;
 pub const MAX_TOP_K: u32 = 10_000;
 pub const MAX_ID_BYTES: usize = 1024;
 pub const MAX_NAME_BYTES: usize = 128;
+/// Extra buckets per table a query may visit.
+pub const MAX_PROBES: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -56,12 +58,15 @@ pub struct IndexSpec {
     pub tables: u32,
     pub seed: u64,
     pub model: String,
+    /// Subtracted from every vector before hashing.
+    pub center: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexInfo {
     pub def: IndexDef,
     pub items: u64,
+    pub centered: bool,
 }
 
 /// An item with its embedding, as it arrives.
@@ -99,6 +104,8 @@ pub struct QueryOptions {
     /// 0 means `DEFAULT_TOP_K`.
     pub top_k: u32,
     pub min_votes: u32,
+    /// Extra buckets to visit in every table (multi-probe).
+    pub probes: u32,
     /// Rank the candidates by exact cosine similarity with their stored embeddings.
     pub rerank: bool,
 }
@@ -144,7 +151,10 @@ impl Engine {
             hash_bits: if spec.hash_bits == 0 { DEFAULT_HASH_BITS } else { spec.hash_bits },
             tables: if spec.tables == 0 { DEFAULT_TABLES } else { spec.tables },
         };
-        let planes = Hyperplanes::draw(shape, spec.seed)?;
+        let mut planes = Hyperplanes::draw(shape, spec.seed)?;
+        if let Some(center) = &spec.center {
+            planes = planes.with_center(center)?;
+        }
         let def = IndexDef {
             name: spec.name.clone(),
             dim: shape.dim as u32,
@@ -155,7 +165,7 @@ impl Engine {
             created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
         let mut open = self.open_indexes();
-        let store = self.catalog.create(&def, &planes.to_row_major())?;
+        let store = self.catalog.create(&def, &planes.to_row_major(), spec.center.as_deref())?;
         let index = Arc::new(Index { store, planes });
         open.insert(spec.name, index.clone());
         index.info()
@@ -170,8 +180,11 @@ impl Engine {
         let store = self.catalog.open(name)?.ok_or_else(|| IndexError::NotFound(name.to_string()))?;
         let def = store.def().clone();
         let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
-        let planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?)
-            .map_err(|e| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}")))?;
+        let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
+        let mut planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?).map_err(corrupt)?;
+        if let Some(center) = store.center()? {
+            planes = planes.with_center(&center).map_err(corrupt)?;
+        }
         let index = Arc::new(Index { store, planes });
         open.insert(name.to_string(), index.clone());
         Ok(index)
@@ -220,7 +233,7 @@ impl Index {
     }
 
     pub fn info(&self) -> Result<IndexInfo, IndexError> {
-        Ok(IndexInfo { def: self.def().clone(), items: self.store.len()? })
+        Ok(IndexInfo { def: self.def().clone(), items: self.store.len()?, centered: self.planes.is_centered() })
     }
 
     /// Whether embeddings of `model` (of dimension `dim`) belong in this index.
@@ -298,12 +311,21 @@ impl Index {
     }
 
     fn codes<'a>(&self, vectors: impl Iterator<Item = &'a [f32]>, rows: usize) -> Result<Array2<u64>, IndexError> {
+        Ok(self.planes.codes_of(self.projections(vectors, rows)?.view()))
+    }
+
+    /// Projections (centred, if the index has a center) of `rows` vectors on every hyperplane.
+    fn projections<'a>(
+        &self,
+        vectors: impl Iterator<Item = &'a [f32]>,
+        rows: usize,
+    ) -> Result<Array2<f32>, IndexError> {
         let dim = self.def().dim as usize;
         let mut flat = Vec::with_capacity(rows * dim);
         vectors.for_each(|v| flat.extend_from_slice(v));
         let batch =
             Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))?;
-        Ok(self.planes.codes(batch.view())?)
+        Ok(self.planes.project(batch.view())?)
     }
 
     pub fn delete(&self, ids: &[String]) -> Result<usize, IndexError> {
@@ -331,14 +353,27 @@ impl Index {
                 (self.store.vector(number)?, Some(number))
             }
         };
-        let codes = self.codes(std::iter::once(vector.as_slice()), 1)?;
+        if options.probes > MAX_PROBES {
+            return Err(IndexError::InvalidArgument(format!(
+                "probes {} is over the limit of {MAX_PROBES}",
+                options.probes
+            )));
+        }
+        let projections = self.projections(std::iter::once(vector.as_slice()), 1)?;
+        let codes = self.planes.codes_of(projections.view());
+        let k = self.def().hash_bits as usize;
 
         let mut votes = VoteCounter::default();
         let mut bucket = Vec::new();
         for (table, &code) in codes.row(0).iter().enumerate() {
-            bucket.clear();
-            self.store.bucket(table as u16, code, &mut bucket)?;
-            votes.add_bucket(&bucket);
+            let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
+            let probes = probe_codes(&table_projections, code, options.probes as usize);
+            // An item is in one bucket per table, so visiting several counts it at most once.
+            for code in std::iter::once(code).chain(probes) {
+                bucket.clear();
+                self.store.bucket(table as u16, code, &mut bucket)?;
+                votes.add_bucket(&bucket);
+            }
         }
         if let Some(number) = exclude {
             votes.remove(number);
@@ -477,13 +512,63 @@ mod tests {
         let by_id = index.query(QueryBy::Id("same-a".into()), &QueryOptions::default()).unwrap();
         assert_eq!(by_id.hits[0].id, "same-b");
         assert!(by_id.hits.iter().all(|h| h.id != "same-a"));
-        let strict =
-            index.query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8, rerank: false }).unwrap();
+        let strict = index
+            .query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8, ..Default::default() })
+            .unwrap();
         assert_eq!(strict.hits.len(), 1);
         assert!(matches!(
             index.query(QueryBy::Id("nope".into()), &QueryOptions::default()),
             Err(IndexError::ItemNotFound { .. })
         ));
+    }
+
+    #[test]
+    fn probes_widen_the_candidates_and_keep_votes_per_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.create(IndexSpec { name: "a".into(), hash_bits: 16, tables: 4, seed: 5, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        let items = (0..200)
+            .map(|i| (i, vec_item(&format!("{i}"), &[(i as f32).sin(), (i as f32 * 0.7).cos(), 0.3, -0.2])))
+            .collect();
+        index.ingest(items).unwrap();
+        let q = vec![0.4, 0.5, 0.3, -0.2];
+        let plain =
+            index.query(QueryBy::Vector(q.clone()), &QueryOptions { top_k: 200, ..Default::default() }).unwrap();
+        let probed =
+            index.query(QueryBy::Vector(q), &QueryOptions { top_k: 200, probes: 8, ..Default::default() }).unwrap();
+        assert!(probed.candidates > plain.candidates, "{} vs {}", probed.candidates, plain.candidates);
+        assert!(probed.hits.iter().all(|h| h.votes <= 4));
+    }
+
+    #[test]
+    fn centered_index_keeps_its_center_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = IndexSpec {
+            name: "c".into(),
+            hash_bits: 8,
+            tables: 4,
+            center: Some(vec![1.0, 1.0, 1.0, 1.0]),
+            ..Default::default()
+        };
+        let first = {
+            let e = engine(dir.path());
+            assert!(e.create(spec).unwrap().centered);
+            let index = e.index("c").unwrap();
+            index
+                .ingest(vec![(0, vec_item("x", &[1.1, 0.9, 1.2, 0.8])), (1, vec_item("y", &[0.9, 1.1, 0.8, 1.2]))])
+                .unwrap();
+            index.query(QueryBy::Vector(vec![1.1, 0.9, 1.2, 0.8]), &QueryOptions::default()).unwrap().hits
+        };
+        let e = engine(dir.path());
+        let index = e.index("c").unwrap();
+        assert!(index.info().unwrap().centered);
+        assert_eq!(
+            index.query(QueryBy::Vector(vec![1.1, 0.9, 1.2, 0.8]), &QueryOptions::default()).unwrap().hits,
+            first
+        );
+        let bad = IndexSpec { name: "d".into(), center: Some(vec![0.0; 3]), ..Default::default() };
+        assert!(matches!(e.create(bad), Err(IndexError::InvalidArgument(_))));
     }
 
     #[test]

@@ -29,6 +29,16 @@ enum Command {
     Serve(ServeConfig),
     /// Bring a data directory's on-disk layout up to this version (also done at every start).
     Migrate(StorageConfig),
+    /// Compute a model's center (the mean embedding of a set of images) for its card.
+    Center {
+        #[command(flatten)]
+        model: ModelConfig,
+        /// Where to write the center (dim × f32 little-endian).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The calibration images.
+        images: Vec<std::path::PathBuf>,
+    },
     /// Fill an index on a running server with real images found on this machine and query it.
     Demo {
         /// The server's address.
@@ -55,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
         Command::Migrate(storage) => migrate_data_dir(&storage),
+        Command::Center { model, out, images } => write_center(&model, &out, &images),
         Command::Demo { addr, index, images } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             Ok(runtime.block_on(imagelsh::demo::run(&addr, &index, images))?)
@@ -113,6 +124,34 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || engine.flush()).await??;
     tracing::info!("stopped");
+    Ok(())
+}
+
+fn write_center(model: &ModelConfig, out: &std::path::Path, images: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    use imagelsh::embed::Embedder;
+    let library = model.ort_library().map_err(anyhow::Error::msg)?;
+    let mut card = ModelCard::load(&ModelCard::path_for(&model.model))?;
+    card.center = None;
+    let preprocessor = imagelsh::pipeline::Preprocessor::new(card.clone(), Default::default());
+    let options = OrtOptions { library, device: model.device, intra_threads: model.threads(), spinning: false };
+    let embedder = OnnxEmbedder::load(&model.model, card.clone(), &options)?;
+    let mut sum = vec![0f64; card.dim as usize];
+    let mut used = 0usize;
+    for path in images {
+        let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+        match preprocessor.preprocess(&bytes) {
+            Ok(input) => {
+                let embedding = embedder.embed(&input, 1)?;
+                sum.iter_mut().zip(embedding.iter()).for_each(|(s, x)| *s += f64::from(*x));
+                used += 1;
+            }
+            Err(e) => eprintln!("skipping {}: {e}", path.display()),
+        }
+    }
+    anyhow::ensure!(used > 0, "no usable images");
+    let center: Vec<u8> = sum.iter().flat_map(|s| ((s / used as f64) as f32).to_le_bytes()).collect();
+    std::fs::write(out, center)?;
+    println!("center of {used} images written to {}", out.display());
     Ok(())
 }
 

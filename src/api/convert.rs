@@ -14,6 +14,7 @@ impl From<IndexInfo> for proto::IndexInfo {
             seed: d.seed,
             items: info.items,
             model: d.model,
+            centered: info.centered,
         }
     }
 }

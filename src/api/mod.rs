@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 
 use crate::index::Engine;
 use crate::pipeline::ImagePipeline;
@@ -65,10 +65,11 @@ pub async fn serve(
         .max_encoding_message_size(limits.max_message_bytes);
     let image_index = InterceptedService::new(image_index, RefuseWhenShuttingDown(shutdown.clone()));
 
-    let incoming = TcpListenerStream::new(listener);
+    // tcp_nodelay on the builder applies only to listeners tonic binds itself: without it on
+    // ours, Nagle's algorithm held 1% of responses back by a delayed-ACK period (40 ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
-        .tcp_nodelay(true)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)

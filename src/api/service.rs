@@ -183,13 +183,26 @@ impl ImageIndex for ImageIndexService {
         request: Request<proto::CreateIndexRequest>,
     ) -> Result<Response<proto::IndexInfo>, Status> {
         let r = request.into_inner();
-        // The index holds the served model's embeddings when its dimension is the model's.
-        let model = match &self.pipeline {
-            Some(p) if r.dim == 0 || r.dim == p.card().dim => p.card().name.clone(),
-            _ => String::new(),
+        // The index holds the served model's embeddings when its dimension is the model's;
+        // it then takes the model's center unless told otherwise.
+        let served = self.pipeline.as_ref().map(|p| p.card()).filter(|card| r.dim == 0 || r.dim == card.dim);
+        let model = served.map(|card| card.name.clone()).unwrap_or_default();
+        let center = if !r.center.is_empty() {
+            Some(r.center)
+        } else if r.no_center {
+            None
+        } else {
+            served.and_then(|card| card.center.clone())
         };
-        let spec =
-            IndexSpec { name: r.name, dim: r.dim, hash_bits: r.hash_bits, tables: r.tables, seed: r.seed, model };
+        let spec = IndexSpec {
+            name: r.name,
+            dim: r.dim,
+            hash_bits: r.hash_bits,
+            tables: r.tables,
+            seed: r.seed,
+            model,
+            center,
+        };
         let engine = self.engine.clone();
         let info = blocking(move || engine.create(spec)).await?;
         tracing::info!(index = %info.def.name, dim = info.def.dim, k = info.def.hash_bits, l = info.def.tables, model = %info.def.model, "index created");
@@ -254,7 +267,7 @@ impl ImageIndex for ImageIndexService {
             }
             None => return Err(Status::invalid_argument("a query needs an image, an embedding or an id")),
         };
-        let options = QueryOptions { top_k: r.top_k, min_votes: r.min_votes, rerank: r.rerank };
+        let options = QueryOptions { top_k: r.top_k, min_votes: r.min_votes, probes: r.probes, rerank: r.rerank };
         let result = blocking(move || index.query(by, &options)).await?;
         Ok(Response::new(proto::QueryResponse {
             hits: result.hits.into_iter().map(Into::into).collect(),

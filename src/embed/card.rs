@@ -35,6 +35,16 @@ pub struct ModelCard {
     /// Name of the class-score output, if any (diagnostics only).
     #[serde(default)]
     pub logits_output: Option<String>,
+    /// File beside the card with the mean embedding of a calibration set (dim × f32 LE),
+    /// the default center of indexes of this model's embeddings.
+    #[serde(default)]
+    pub center_file: Option<String>,
+    /// What the center was computed from.
+    #[serde(default)]
+    pub center_source: String,
+    /// Loaded from `center_file`.
+    #[serde(skip)]
+    pub center: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

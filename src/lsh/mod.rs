@@ -4,11 +4,13 @@
 //! is set when the (centred) embedding has a positive projection on hyperplane `t·K + i`.
 //! All L·K projections of a batch come from one matrix product `[B×D]·[D×(L·K)]`.
 
+mod probe;
 mod votes;
 
+pub use probe::probe_codes;
 pub use votes::{VoteCounter, vote_threshold};
 
-use ndarray::{Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -45,6 +47,8 @@ pub enum LshError {
     MatrixSize { got: usize, expected: usize },
     #[error("vectors have dimension {got}, the hyperplanes expect {expected}")]
     VectorDim { got: usize, expected: usize },
+    #[error("the center has {got} values, expected {expected}, all finite")]
+    Center { got: usize, expected: usize },
 }
 
 impl LshShape {
@@ -65,10 +69,16 @@ impl LshShape {
 /// The hyperplanes of one index: a `dim × (L·K)` matrix whose column `t·K + i` is the normal
 /// of hyperplane `i` of table `t`. Drawn once and then stored as is: regenerating from a seed
 /// would silently change every code if the RNG's output ever changed.
+///
+/// With a center `c`, vectors are hashed as `x − c`: post-ReLU embeddings all sit in one
+/// orthant, and hyperplanes through the origin split them badly. The projections of `c` are
+/// computed once, so centring costs one subtraction per projection.
 #[derive(Debug, Clone)]
 pub struct Hyperplanes {
     shape: LshShape,
     matrix: Array2<f32>,
+    /// `c · matrix`, subtracted from every row of projections.
+    center_projection: Option<Array1<f32>>,
 }
 
 impl Hyperplanes {
@@ -77,7 +87,7 @@ impl Hyperplanes {
         shape.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let matrix = Array2::from_shape_simple_fn((shape.dim, shape.planes()), || StandardNormal.sample(&mut rng));
-        Ok(Self { shape, matrix })
+        Ok(Self { shape, matrix, center_projection: None })
     }
 
     /// Rebuilds hyperplanes from their stored row-major matrix.
@@ -89,7 +99,20 @@ impl Hyperplanes {
         }
         let matrix = Array2::from_shape_vec((shape.dim, shape.planes()), values)
             .map_err(|_| LshError::MatrixSize { got: 0, expected })?;
-        Ok(Self { shape, matrix })
+        Ok(Self { shape, matrix, center_projection: None })
+    }
+
+    /// Hashes vectors relative to `center` from now on.
+    pub fn with_center(mut self, center: &[f32]) -> Result<Self, LshError> {
+        if center.len() != self.shape.dim || center.iter().any(|x| !x.is_finite()) {
+            return Err(LshError::Center { got: center.len(), expected: self.shape.dim });
+        }
+        self.center_projection = Some(ArrayView1::from(center).dot(&self.matrix));
+        Ok(self)
+    }
+
+    pub fn is_centered(&self) -> bool {
+        self.center_projection.is_some()
     }
 
     pub fn shape(&self) -> LshShape {
@@ -106,20 +129,28 @@ impl Hyperplanes {
         if batch.ncols() != self.shape.dim {
             return Err(LshError::VectorDim { got: batch.ncols(), expected: self.shape.dim });
         }
-        Ok(batch.dot(&self.matrix))
+        let mut projections = batch.dot(&self.matrix);
+        if let Some(offset) = &self.center_projection {
+            projections -= offset;
+        }
+        Ok(projections)
     }
 
     /// The L table codes of every row of `batch`, row-major `B × L`.
     pub fn codes(&self, batch: ArrayView2<'_, f32>) -> Result<Array2<u64>, LshError> {
-        let projections = self.project(batch)?;
+        Ok(self.codes_of(self.project(batch)?.view()))
+    }
+
+    /// The L table codes of rows of projections (from `project`).
+    pub fn codes_of(&self, projections: ArrayView2<'_, f32>) -> Array2<u64> {
         let tables = self.shape.tables as usize;
-        let mut codes = Array2::zeros((batch.nrows(), tables));
+        let mut codes = Array2::zeros((projections.nrows(), tables));
         for (row, mut out) in projections.axis_iter(Axis(0)).zip(codes.axis_iter_mut(Axis(0))) {
             for (t, code) in out.iter_mut().enumerate() {
                 *code = table_code(row, t, self.shape.hash_bits);
             }
         }
-        Ok(codes)
+        codes
     }
 }
 
@@ -204,6 +235,33 @@ mod tests {
             let back = Hyperplanes::from_row_major(s, planes.to_row_major()).unwrap();
             prop_assert_eq!(back.matrix, planes.matrix);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn centring_hashes_the_difference(
+            seed in any::<u64>(),
+            v in prop::collection::vec(-5f32..5f32, 12),
+            c in prop::collection::vec(-5f32..5f32, 12),
+        ) {
+            let s = shape(12, 16, 3);
+            let centered = Hyperplanes::draw(s, seed).unwrap().with_center(&c).unwrap();
+            let plain = Hyperplanes::draw(s, seed).unwrap();
+            let diff: Vec<f32> = v.iter().zip(&c).map(|(a, b)| a - b).collect();
+            let (expected, unsure) = brute_force(&plain, &diff);
+            let codes = centered.codes(Array2::from_shape_vec((1, 12), v).unwrap().view()).unwrap();
+            for t in 0..3 {
+                prop_assert_eq!(codes[[0, t]] & !unsure[t], expected[t] & !unsure[t]);
+            }
+        }
+    }
+
+    #[test]
+    fn center_must_fit() {
+        let planes = Hyperplanes::draw(shape(4, 8, 2), 1).unwrap();
+        assert!(planes.clone().with_center(&[0.0; 3]).is_err());
+        assert!(planes.clone().with_center(&[0.0, f32::NAN, 0.0, 0.0]).is_err());
+        assert!(planes.with_center(&[0.5; 4]).unwrap().is_centered());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The dynamic batcher: items from every stream and call share one bounded queue in front of
 //! the model. A batch goes to the model when it holds `max_batch` items or when its oldest item
-//! has waited `max_delay`. At most `queue_capacity + 3 × max_batch` images are held at once
-//! (queued, being collected, handed to the model, in the model). A full queue makes callers wait (and so, through HTTP/2 flow
+//! has waited `max_delay`. At most `queue_capacity + 4 × max_batch` decoded images exist at once
+//! (queued; being collected, handed to the model, in the model — with its input copy — or
+//! answered but not yet picked up): each is ~600 KB for a 224×224 model. A full queue makes callers wait (and so, through HTTP/2 flow
 //! control, the clients); a caller that cannot enqueue within `queue_timeout` gets an error.
 
 use std::sync::Arc;

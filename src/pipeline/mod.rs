@@ -5,6 +5,7 @@ mod batcher;
 mod decode;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::future::join_all;
 use tokio::sync::Semaphore;
@@ -24,7 +25,36 @@ pub enum ImageError {
     Batch(#[from] BatchError),
 }
 
+/// Decoded images held in memory, for operators and tests of the memory bound.
+#[derive(Debug, Default)]
+pub struct DecodedGauge {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl DecodedGauge {
+    fn add(&self) {
+        let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak.fetch_max(live, Ordering::Relaxed);
+    }
+
+    fn remove(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Decoded images alive now (decoded, not yet through the model).
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The most alive at once since start.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 pub struct ImagePipeline {
+    decoded: DecodedGauge,
     preprocessor: Arc<Preprocessor>,
     decode_slots: Arc<Semaphore>,
     batcher: Batcher,
@@ -43,6 +73,7 @@ impl ImagePipeline {
         let card = embedder.card().clone();
         let provider = embedder.provider().to_string();
         Self {
+            decoded: DecodedGauge::default(),
             preprocessor: Arc::new(Preprocessor::new(card.clone(), limits)),
             decode_slots: Arc::new(Semaphore::new(decode_workers.max(1))),
             batcher: Batcher::start(embedder, batcher),
@@ -63,6 +94,10 @@ impl ImagePipeline {
         self.batcher.stats()
     }
 
+    pub fn decoded(&self) -> &DecodedGauge {
+        &self.decoded
+    }
+
     /// Decodes and resizes on a blocking thread, at most `decode_workers` at once.
     pub async fn preprocess(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
         let _slot = self.decode_slots.acquire().await.map_err(|_| BatchError::Stopped)?;
@@ -78,7 +113,10 @@ impl ImagePipeline {
     pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
         let slot = self.batcher.reserve().await?;
         let input = self.preprocess(image).await?;
-        Ok(slot.embed(input).await?)
+        self.decoded.add();
+        let embedded = slot.embed(input).await;
+        self.decoded.remove();
+        Ok(embedded?)
     }
 
     /// Embeddings of many images, in order; each image succeeds or fails alone.

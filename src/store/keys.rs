@@ -4,6 +4,7 @@
 //! | key                                        | value                                  |
 //! |--------------------------------------------|----------------------------------------|
 //! | `P`                                        | hyperplane matrix, f32 LE, row-major   |
+//! | `M`                                        | center (layout ≥ 2, optional), f32 LE  |
 //! | `N`                                        | next item number, u32 BE               |
 //! | `C`                                        | live item count, u64 BE                |
 //! | `B` table u16 ‖ code u64 ‖ chunk u32       | sealed chunk: item numbers, u32 LE each |
@@ -12,6 +13,7 @@
 //! | `K` external id bytes                      | item number, u32 BE                    |
 
 pub const HYPERPLANES: &[u8] = b"P";
+pub const CENTER: &[u8] = b"M";
 pub const NEXT_ITEM: &[u8] = b"N";
 pub const ITEM_COUNT: &[u8] = b"C";
 const BUCKET: u8 = b'B';
@@ -82,6 +84,14 @@ pub fn decode_open_chunk(bytes: &[u8], out: &mut Vec<u32>) -> Option<u32> {
     let (count, items) = bytes.split_first_chunk::<4>()?;
     decode_items(items, out);
     Some(u32::from_le_bytes(*count))
+}
+
+pub fn encode_f32s(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn decode_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 pub fn decode_u32(bytes: &[u8]) -> Option<u32> {

@@ -5,7 +5,7 @@
 use super::StoreError;
 
 /// The layout this build writes.
-pub const CURRENT_VERSION: u32 = 1;
+pub const CURRENT_VERSION: u32 = 2;
 
 const META_TREE: &str = "meta";
 const VERSION_KEY: &[u8] = b"layout_version";
@@ -21,16 +21,31 @@ pub struct Migration {
     apply: fn(&sled::Db) -> Result<(), StoreError>,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial_layout",
-    description: include_str!("../../migrations/0001_initial_layout.md"),
-    apply: initial_layout,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial_layout",
+        description: include_str!("../../migrations/0001_initial_layout.md"),
+        apply: initial_layout,
+    },
+    Migration {
+        version: 2,
+        name: "index_centers",
+        description: include_str!("../../migrations/0002_index_centers.md"),
+        apply: index_centers,
+    },
+];
 
 /// Version 1: a catalog of indexes, one tree per index, vector files beside the database.
 fn initial_layout(db: &sled::Db) -> Result<(), StoreError> {
     db.open_tree(CATALOG_TREE)?;
+    Ok(())
+}
+
+/// Version 2: an index may hold a center (key `M` of its tree) that codes are computed from.
+/// Indexes written under version 1 have none and keep hashing as before: nothing to rewrite.
+/// The version matters to older builds, which would ignore the center and hash differently.
+fn index_centers(_: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 

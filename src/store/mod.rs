@@ -70,8 +70,13 @@ pub struct StoredItem {
 
 /// The registry of indexes.
 pub trait Catalog: Send + Sync {
-    /// Creates an index with its hyperplane matrix (row-major f32), durably.
-    fn create(&self, def: &IndexDef, hyperplanes: &[f32]) -> Result<Arc<dyn IndexStore>, StoreError>;
+    /// Creates an index with its hyperplane matrix (row-major f32) and its center, if any, durably.
+    fn create(
+        &self,
+        def: &IndexDef,
+        hyperplanes: &[f32],
+        center: Option<&[f32]>,
+    ) -> Result<Arc<dyn IndexStore>, StoreError>;
     /// Opens an existing index; `None` if there is none of that name.
     fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError>;
     fn list(&self) -> Result<Vec<IndexDef>, StoreError>;
@@ -83,6 +88,8 @@ pub trait Catalog: Send + Sync {
 pub trait IndexStore: Send + Sync {
     fn def(&self) -> &IndexDef;
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError>;
+    /// The vector subtracted before hashing, if the index has one.
+    fn center(&self) -> Result<Option<Vec<f32>>, StoreError>;
     /// Inserts the items, replacing any with the same id (the last of a repeated id wins).
     /// Atomic: after any crash every item is in all of its buckets or in none. Durable on return.
     fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError>;

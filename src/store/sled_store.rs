@@ -166,7 +166,12 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Catalog for SledCatalog {
-    fn create(&self, def: &IndexDef, hyperplanes: &[f32]) -> Result<Arc<dyn IndexStore>, StoreError> {
+    fn create(
+        &self,
+        def: &IndexDef,
+        hyperplanes: &[f32],
+        center: Option<&[f32]>,
+    ) -> Result<Arc<dyn IndexStore>, StoreError> {
         let _guard = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.catalog.contains_key(def.name.as_bytes())? {
             return Err(StoreError::AlreadyExists(def.name.clone()));
@@ -185,9 +190,11 @@ impl Catalog for SledCatalog {
         // The tree first, the catalog entry last: a crash in between leaves an orphan tree that
         // the next open removes, never a catalog entry without its data.
         let tree = self.db.open_tree(tree_name(uid))?;
-        let planes: Vec<u8> = hyperplanes.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut batch = sled::Batch::default();
-        batch.insert(keys::HYPERPLANES, planes);
+        batch.insert(keys::HYPERPLANES, keys::encode_f32s(hyperplanes));
+        if let Some(center) = center {
+            batch.insert(keys::CENTER, keys::encode_f32s(center));
+        }
         batch.insert(keys::NEXT_ITEM, &0u32.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &0u64.to_be_bytes());
         tree.apply_batch(batch)?;
@@ -290,7 +297,11 @@ impl IndexStore for SledIndex {
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError> {
         let bytes =
             self.tree.get(keys::HYPERPLANES)?.ok_or_else(|| StoreError::Corrupt("missing hyperplanes".into()))?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(keys::decode_f32s(&bytes))
+    }
+
+    fn center(&self) -> Result<Option<Vec<f32>>, StoreError> {
+        Ok(self.tree.get(keys::CENTER)?.map(|bytes| keys::decode_f32s(&bytes)))
     }
 
     fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError> {
@@ -564,7 +575,7 @@ mod tests {
     fn upsert_replace_delete_keep_buckets_consistent() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 2, 2), &[0.0; 2 * 16]).unwrap();
+        let store = catalog.create(&def("a", 2, 2), &[0.0; 2 * 16], None).unwrap();
         store.upsert(&[item("x", &[1, 5], &[1.0, 0.0]), item("y", &[1, 6], &[0.0, 1.0])]).unwrap();
         assert_eq!(ids_in_bucket(&*store, 0, 1), ["x", "y"]);
         assert_eq!(ids_in_bucket(&*store, 1, 5), ["x"]);
@@ -586,7 +597,7 @@ mod tests {
     fn repeated_id_in_one_batch_keeps_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 1, 1), &[0.0; 8]).unwrap();
+        let store = catalog.create(&def("a", 1, 1), &[0.0; 8], None).unwrap();
         store.upsert(&[item("x", &[1], &[1.0]), item("x", &[2], &[2.0])]).unwrap();
         assert!(bucket(&*store, 0, 1).is_empty());
         assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
@@ -597,7 +608,7 @@ mod tests {
     fn large_buckets_span_chunks_and_shrink_back() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        let store = catalog.create(&def("a", 1, 1), &[0.0; 8]).unwrap();
+        let store = catalog.create(&def("a", 1, 1), &[0.0; 8], None).unwrap();
         let n = CHUNK_CAPACITY * 2 + 10;
         for batch in (0..n).collect::<Vec<_>>().chunks(300) {
             let items: Vec<NewItem> = batch.iter().map(|i| item(&i.to_string(), &[7], &[*i as f32])).collect();
@@ -618,9 +629,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-            let store = catalog.create(&def("a", 2, 1), &[1.5; 2 * 8]).unwrap();
+            let store = catalog.create(&def("a", 2, 1), &[1.5; 2 * 8], None).unwrap();
             store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
-            assert!(matches!(catalog.create(&def("a", 2, 1), &[0.0; 16]), Err(StoreError::AlreadyExists(_))));
+            assert!(matches!(catalog.create(&def("a", 2, 1), &[0.0; 16], None), Err(StoreError::AlreadyExists(_))));
         }
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
         assert_eq!(catalog.list().unwrap(), vec![def("a", 2, 1)]);

@@ -164,7 +164,14 @@ pub async fn create(
     tables: u32,
 ) -> proto::IndexInfo {
     client
-        .create_index(proto::CreateIndexRequest { name: name.into(), dim, hash_bits, tables, seed: 7 })
+        .create_index(proto::CreateIndexRequest {
+            name: name.into(),
+            dim,
+            hash_bits,
+            tables,
+            seed: 7,
+            ..Default::default()
+        })
         .await
         .expect("create index")
         .into_inner()
