@@ -231,17 +231,7 @@ async fn every_bad_image_fails_alone_and_every_pixel_kind_is_indexed() {
     }
 
     // The server is up; the CMYK, WebP and rotated copies of one photo find each other.
-    let hits = client
-        .query(proto::QueryRequest {
-            index: "mixed".into(),
-            query: Some(Query::Id("webp".into())),
-            top_k: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let hits = client.query(query_id("mixed", "webp", 2)).await.unwrap().into_inner().hits;
     let ids: Vec<&str> = hits.iter().map(|h| h.id.as_str()).collect();
     assert!(ids.contains(&"cmyk") || ids.contains(&"exif-rotated"), "{ids:?}");
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use imagelsh::proto::{self, query_request::Query};
+use imagelsh::proto;
 
 /// Unpacks `tests/fixtures/layout-v1.tar.gz` (see tests/fixtures/README.md) into `dir`.
 fn unpack_v1(dir: &Path) {
@@ -29,17 +29,7 @@ async fn check_legacy_index(server: &TestServer) {
         assert_eq!(own.votes, 6, "same codes as when it was written");
         assert_eq!(hits[0].votes, 6);
     }
-    let by_id = client
-        .query(proto::QueryRequest {
-            index: "legacy".into(),
-            query: Some(Query::Id("v5".into())),
-            top_k: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .hits;
+    let by_id = client.query(query_id("legacy", "v5", 5)).await.unwrap().into_inner().hits;
     assert!(by_id.iter().all(|h| h.label == "c1"), "{by_id:?}");
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use imagelsh::proto::{self, Embedding, Item, item::Content, query_request::Query};
+use imagelsh::proto::{self, Embedding, Item, item::Content};
 use tonic::Code;
 
 const DIM: usize = 32;
@@ -119,16 +119,7 @@ async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
     }
 
     // By id: the item itself is left out.
-    let by_id = client
-        .query(proto::QueryRequest {
-            index: "img".into(),
-            query: Some(Query::Id("v7".into())),
-            top_k: 10,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let by_id = client.query(query_id("img", "v7", 10)).await.unwrap().into_inner();
     assert!(by_id.hits.iter().all(|h| h.id != "v7" && h.label == "c1"));
 
     // Delete, and the deleted items no longer come back.
@@ -228,14 +219,7 @@ async fn bad_items_are_reported_and_the_rest_is_indexed() {
     }
     let status = client.query(proto::QueryRequest { index: "strict".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let status = client
-        .query(proto::QueryRequest {
-            index: "strict".into(),
-            query: Some(Query::Id("nobody".into())),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let status = client.query(query_id("strict", "nobody", 0)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status =
         client.query(proto::QueryRequest { top_k: 1_000_000, ..query_vector("strict", &good, 0) }).await.unwrap_err();
@@ -318,16 +302,7 @@ async fn acknowledged_batches_survive_sigkill() {
         assert_eq!(&got, expected, "query {q} after restart");
     }
     // Stored embeddings survived too.
-    let by_id = client
-        .query(proto::QueryRequest {
-            index: "durable".into(),
-            query: Some(Query::Id("600".into())),
-            top_k: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let by_id = client.query(query_id("durable", "600", 5)).await.unwrap().into_inner();
     assert_eq!(by_id.hits.len(), 5);
 }
 

@@ -65,9 +65,20 @@ impl ModelCard {
 
     pub fn load(path: &Path) -> Result<Self, EmbedError> {
         let text = std::fs::read_to_string(path).map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
-        let card: Self =
+        let mut card: Self =
             serde_json::from_str(&text).map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
         card.validate().map_err(|e| EmbedError::Card(format!("{}: {e}", path.display())))?;
+        if let Some(file) = &card.center_file {
+            let center_path = path.parent().unwrap_or(Path::new(".")).join(file);
+            let bytes =
+                std::fs::read(&center_path).map_err(|e| EmbedError::Card(format!("{}: {e}", center_path.display())))?;
+            let center: Vec<f32> =
+                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if center.len() != card.dim as usize || center.iter().any(|x| !x.is_finite()) {
+                return Err(EmbedError::Card(format!("{}: not {} finite f32 values", center_path.display(), card.dim)));
+            }
+            card.center = Some(center);
+        }
         Ok(card)
     }
 
@@ -100,6 +111,9 @@ mod tests {
         let card = ModelCard::load(&ModelCard::path_for(&model)).unwrap();
         assert_eq!((card.width, card.height, card.dim, card.layout), (224, 224, 1280, Layout::Nchw));
         assert_eq!(card.input_len(), 3 * 224 * 224);
+        let center = card.center.expect("the default model has a calibrated center");
+        assert_eq!(center.len(), 1280);
+        assert!(center.iter().all(|x| *x >= 0.0) && center.iter().any(|x| *x > 0.0), "a mean of post-ReLU features");
     }
 
     #[test]

@@ -177,6 +177,15 @@ pub async fn create(
         .into_inner()
 }
 
+pub fn query_id(index: &str, id: &str, top_k: u32) -> proto::QueryRequest {
+    proto::QueryRequest {
+        index: index.into(),
+        query: Some(proto::query_request::Query::Id(id.into())),
+        top_k,
+        ..Default::default()
+    }
+}
+
 pub fn query_vector(index: &str, v: &[f32], top_k: u32) -> proto::QueryRequest {
     proto::QueryRequest {
         index: index.into(),
