@@ -8,6 +8,9 @@
 //! `truth.u32` (queries × 10 nearest base rows by cosine), `dim.txt`, and `data_center.f32`.
 //! CENTER is `none`, `model` (the model card's) or `data` (the mean of the base vectors).
 
+mod support;
+use support::dir_bytes;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,19 +21,6 @@ use imagelsh::store::{SledCatalog, SledOptions};
 
 fn f32s(path: &Path) -> Vec<f32> {
     std::fs::read(path).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    let m = e.metadata().unwrap();
-                    if m.is_dir() { dir_bytes(&e.path()) } else { m.len() }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -6,6 +6,9 @@
 //! Prints vectors/s acknowledged (durable), query latency percentiles, bytes on disk per item,
 //! and the time from process start to the first answered query after a restart.
 
+mod support;
+use support::dir_bytes;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -98,19 +101,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| {
-                    let m = e.metadata().unwrap();
-                    if m.is_dir() { dir_bytes(&e.path()) } else { m.len() }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
