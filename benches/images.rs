@@ -10,7 +10,6 @@
 //! batcher's counters: the share of wall time the model was busy is the pipeline's efficiency,
 //! a figure that the noise of a shared machine moves far less than raw rates.
 
-use std::io::{Cursor, Read};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -34,18 +33,12 @@ fn arg(name: &str) -> Option<String> {
     argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1).cloned())
 }
 
+/// The first `n` (≤ 10,000) Fashion-MNIST test images as PNG files.
 fn fashion_pngs(n: usize) -> Vec<Vec<u8>> {
-    let mut raw = Vec::new();
-    let gz = std::fs::read("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-        .expect("apt-get install dataset-fashion-mnist");
-    flate2::read::GzDecoder::new(gz.as_slice()).read_to_end(&mut raw).unwrap();
-    (0..n)
-        .map(|i| {
-            let image = image::GrayImage::from_raw(28, 28, raw[16 + (i % 10_000) * 784..][..784].to_vec()).unwrap();
-            let mut out = Cursor::new(Vec::new());
-            image.write_to(&mut out, image::ImageFormat::Png).unwrap();
-            out.into_inner()
-        })
+    imagelsh::demo::fashion_mnist_pngs(0..n)
+        .expect("apt-get install dataset-fashion-mnist")
+        .into_iter()
+        .map(|f| f.png)
         .collect()
 }
 

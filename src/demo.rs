@@ -13,7 +13,7 @@ use crate::proto::{CreateIndexRequest, IngestRequest, Item, QueryRequest, item::
 
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 pub const SKIMAGE_DATA: &str = "/usr/lib/python3/dist-packages/skimage/data";
-const CLASSES: [&str; 10] =
+pub const CLASSES: [&str; 10] =
     ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
 const PHOTOS: [&str; 6] =
     ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "horse.png"];
@@ -35,8 +35,17 @@ struct Sample {
     image: Vec<u8>,
 }
 
-/// Fashion-MNIST test images `range`, each encoded as a PNG as a client would send it.
-fn fashion_mnist(range: std::ops::Range<usize>) -> Result<Vec<Sample>, DemoError> {
+/// One Fashion-MNIST test image, encoded as a PNG as a client would send it.
+pub struct FashionImage {
+    /// Position in the test set.
+    pub index: usize,
+    pub png: Vec<u8>,
+    /// Class 0–9 (see `CLASSES`).
+    pub class: u8,
+}
+
+/// Fashion-MNIST test images `range` (those that exist) from Debian's `dataset-fashion-mnist`.
+pub fn fashion_mnist_pngs(range: std::ops::Range<usize>) -> Result<Vec<FashionImage>, DemoError> {
     let gunzip = |name: &str| -> Result<Vec<u8>, DemoError> {
         let path = Path::new(FASHION_MNIST).join(name);
         let gz = std::fs::read(&path).map_err(|e| DemoError::Data(format!("{}: {e}", path.display())))?;
@@ -51,16 +60,26 @@ fn fashion_mnist(range: std::ops::Range<usize>) -> Result<Vec<Sample>, DemoError
     let available = labels.len().saturating_sub(8).min(images.len().saturating_sub(16) / 784);
     range
         .filter(|&i| i < available)
-        .map(|i| {
-            let pixels = images[16 + i * 784..][..784].to_vec();
+        .map(|index| {
+            let pixels = images[16 + index * 784..][..784].to_vec();
             let image =
                 image::GrayImage::from_raw(28, 28, pixels).ok_or_else(|| DemoError::Data("bad IDX file".into()))?;
             let mut png = Cursor::new(Vec::new());
             image.write_to(&mut png, image::ImageFormat::Png).map_err(|e| DemoError::Data(e.to_string()))?;
-            let class = CLASSES.get(labels[8 + i] as usize).copied().unwrap_or("?");
-            Ok(Sample { id: format!("fashion-mnist/test/{i}"), label: class.to_string(), image: png.into_inner() })
+            Ok(FashionImage { index, png: png.into_inner(), class: labels[8 + index] })
         })
         .collect()
+}
+
+fn fashion_mnist(range: std::ops::Range<usize>) -> Result<Vec<Sample>, DemoError> {
+    Ok(fashion_mnist_pngs(range)?
+        .into_iter()
+        .map(|f| Sample {
+            id: format!("fashion-mnist/test/{}", f.index),
+            label: CLASSES.get(f.class as usize).copied().unwrap_or("?").to_string(),
+            image: f.png,
+        })
+        .collect())
 }
 
 fn photos() -> Vec<Sample> {

@@ -205,25 +205,9 @@ pub fn read_data(path: impl AsRef<Path>) -> Vec<u8> {
 
 /// The first `n` Fashion-MNIST test images as PNG files, with their class.
 pub fn fashion_mnist_pngs(n: usize) -> Vec<(Vec<u8>, u8)> {
-    use std::io::Read;
-    let gunzip = |name: &str| {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(read_data(Path::new(FASHION_MNIST).join(name)).as_slice())
-            .read_to_end(&mut out)
-            .unwrap();
-        out
-    };
-    let images = gunzip("t10k-images-idx3-ubyte.gz");
-    let labels = gunzip("t10k-labels-idx1-ubyte.gz");
-    (0..n)
-        .map(|i| {
-            let pixels = images[16 + i * 784..][..784].to_vec();
-            let image = image::GrayImage::from_raw(28, 28, pixels).unwrap();
-            let mut png = std::io::Cursor::new(Vec::new());
-            image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-            (png.into_inner(), labels[8 + i])
-        })
-        .collect()
+    let images = imagelsh::demo::fashion_mnist_pngs(0..n).expect("scripts/test installs the test data");
+    assert_eq!(images.len(), n);
+    images.into_iter().map(|f| (f.png, f.class)).collect()
 }
 
 pub fn image_item(id: impl Into<String>, label: impl Into<String>, bytes: Vec<u8>) -> Item {
