@@ -182,6 +182,7 @@ pub async fn run(addr: &str, index: &str, count: usize) -> Result<(), DemoError>
             index: index.into(),
             query: Some(Query::Image(query.image)),
             top_k: 5,
+            probes: 4,
             rerank: true,
             ..Default::default()
         };
