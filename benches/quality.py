@@ -118,11 +118,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--images", type=int, default=70000)
-    parser.add_argument("--grpc-configs", default="8:10:0:none:votes,12:16:4:data:rerank,12:16:4:model:rerank",
-                        help="K:L:PROBES:CENTER:RANKING, comma-separated")
+    parser.add_argument("--grpc-configs", default="8:10:0:none:votes,12:16:2:model:sketch200,12:16:4:model:sketch200",
+                        help="K:L:PROBES:CENTER:RANKING, comma-separated (RANKING: votes, all, sketchN)")
     parser.add_argument("--lib-configs", default=(
-        "8:10:0:none:votes,8:10:0:none:rerank,12:16:0:none:rerank,12:16:0:model:rerank,12:16:0:data:rerank,"
-        "12:16:4:none:rerank,12:16:4:model:rerank,12:16:4:data:rerank,10:16:2:data:rerank,16:20:8:data:rerank"))
+        # The notebook, then exact re-ranking of every candidate (before sketches), then sketch
+        # pre-ranking at several depths, probes and sketch sizes; then other centers and shapes.
+        "8:10:0:none:votes,8:10:0:none:all,12:16:4:model:all,"
+        "12:16:0:model:sketch200,12:16:1:model:sketch200,12:16:2:model:sketch100,12:16:2:model:sketch150,"
+        "12:16:2:model:sketch200,12:16:2:model:sketch400,12:16:4:model:sketch200,12:16:2:model:sketch200:512:2,"
+        "12:16:2:model:sketch400:256,12:16:2:model:sketch200:1024,12:16:2:model:estimate,"
+        "12:16:2:none:sketch200,12:16:2:data:sketch200,10:16:2:model:sketch200,14:20:4:model:sketch200"),
+        help="K:L:PROBES:CENTER:RANKING[:SKETCH_BITS[:MIN_VOTES]], see benches/quality.rs")
     args = parser.parse_args()
     os.makedirs(WORK, exist_ok=True)
     import grpc
@@ -226,9 +232,11 @@ def main():
         build = indexed / (time.perf_counter() - t)
         assert indexed == len(base)
 
+        depth = {"votes": 0, "all": 100000}.get(ranking) or int(ranking.removeprefix("sketch"))
+
         def search(v):
             response = stub.Query(pb.QueryRequest(index="q", embedding=pb.Embedding(values=v.tolist()), top_k=10,
-                                                  probes=int(probes), rerank=ranking == "rerank"))
+                                                  probes=int(probes), rerank=ranking != "votes", rerank_depth=depth))
             return [int(h.id) for h in response.hits]
 
         r, p, q = measure(search, queries, truth, qlabels, base_labels)
@@ -243,7 +251,11 @@ def main():
                 f"{len(queries)} held-out queries (seed 0), database {len(base)}; ground truth = exact top-10 by cosine. "
                 "Queries one at a time, one thread. recall@10 against the exact top-10; p@5 = share of the top 5 "
                 "with the query's class. Bytes per vector: index memory (FAISS, hnswlib) or data directory on disk "
-                "(imagelsh: sled + vector file). Build: vectors added per second (imagelsh: durable ingest).\n\n")
+                "(imagelsh: sled + vector file + sketch file). Build: vectors added per second (imagelsh: durable "
+                "ingest). imagelsh rankings: `votes` = by votes (the notebook's); `all` = exact cosine of every "
+                "candidate; `sketchN` = every candidate ranked by sketch Hamming distance, the N nearest re-ranked "
+                "exactly; `estimate` = an index without stored embeddings, ranked by the sketch's estimated cosine. "
+                "Centers: `model` = the model card's (the default), `data` = mean of the database, `none`.\n\n")
         f.write("| system | configuration | recall@10 | p@5 | queries/s | × FlatIP q/s | build vectors/s | bytes/vector | note |\n")
         f.write("|---|---|---|---|---|---|---|---|---|\n")
         for m in rows:

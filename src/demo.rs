@@ -182,8 +182,7 @@ pub async fn run(addr: &str, index: &str, count: usize) -> Result<(), DemoError>
             index: index.into(),
             query: Some(Query::Image(query.image)),
             top_k: 5,
-            probes: 4,
-            rerank: true,
+            // The defaults: 2 probes, re-ranked by cosine.
             ..Default::default()
         };
         let response = client.query(request).await?.into_inner();

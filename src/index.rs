@@ -1,17 +1,30 @@
 //! The domain: named indexes of embeddings, hashed by random-hyperplane LSH over a store.
 //! Blocking code (matrix products and store I/O): async callers run it on a blocking thread.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ndarray::Array2;
 
-use crate::lsh::{Hyperplanes, LshError, LshShape, VoteCounter, cosine, probe_codes};
-use crate::store::{Catalog, IndexDef, IndexStore, NewItem, StoreError, StoredItem};
+use crate::lsh::{
+    Hyperplanes, LshError, LshShape, VoteCounter, cosine, draw_sketch_planes, estimated_cosine, hamming, probe_codes,
+    sketch_shape,
+};
+use crate::store::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError};
 
-/// The original notebook's K and L.
-pub const DEFAULT_HASH_BITS: u32 = 8;
-pub const DEFAULT_TABLES: u32 = 10;
+/// Defaults chosen from BENCHMARKS.md: the smallest configuration that reaches recall@10 ≥ 0.9
+/// on Fashion-MNIST embeddings with the model's center, sketch pre-ranking and exact re-ranking.
+pub const DEFAULT_HASH_BITS: u32 = 12;
+pub const DEFAULT_TABLES: u32 = 16;
+pub const DEFAULT_PROBES: u32 = 2;
+pub const DEFAULT_SKETCH_BITS: u32 = 512;
+/// Candidates (best by sketch distance) re-ranked exactly when a query does not say.
+pub const DEFAULT_RERANK_DEPTH: u32 = 200;
+pub const MAX_RERANK_DEPTH: u32 = 100_000;
+/// The original notebook's K and L, still reachable by asking for them.
+pub const NOTEBOOK_HASH_BITS: u32 = 8;
+pub const NOTEBOOK_TABLES: u32 = 10;
 pub const DEFAULT_TOP_K: u32 = 10;
 pub const MAX_TOP_K: u32 = 10_000;
 pub const MAX_ID_BYTES: usize = 1024;
@@ -60,6 +73,10 @@ pub struct IndexSpec {
     pub model: String,
     /// Subtracted from every vector before hashing.
     pub center: Option<Vec<f32>>,
+    /// 0 means `DEFAULT_SKETCH_BITS`.
+    pub sketch_bits: u32,
+    /// Keep every item's embedding (exact re-ranking, queries by id); `None` means yes.
+    pub store_vectors: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,10 +121,14 @@ pub struct QueryOptions {
     /// 0 means `DEFAULT_TOP_K`.
     pub top_k: u32,
     pub min_votes: u32,
-    /// Extra buckets to visit in every table (multi-probe).
-    pub probes: u32,
-    /// Rank the candidates by exact cosine similarity with their stored embeddings.
-    pub rerank: bool,
+    /// Extra buckets to visit in every table (multi-probe); `None` means `DEFAULT_PROBES`.
+    pub probes: Option<u32>,
+    /// Rank the candidates by cosine similarity (`None` means yes): exact, with the stored
+    /// embeddings of the `rerank_depth` candidates nearest by sketch; estimated from the
+    /// sketches when the index keeps no embeddings. Otherwise candidates rank by votes.
+    pub rerank: Option<bool>,
+    /// 0 means `DEFAULT_RERANK_DEPTH`; never fewer than `top_k`.
+    pub rerank_depth: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -151,9 +172,12 @@ impl Engine {
             hash_bits: if spec.hash_bits == 0 { DEFAULT_HASH_BITS } else { spec.hash_bits },
             tables: if spec.tables == 0 { DEFAULT_TABLES } else { spec.tables },
         };
+        let sketch_bits = if spec.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { spec.sketch_bits };
         let mut planes = Hyperplanes::draw(shape, spec.seed)?;
+        let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
         if let Some(center) = &spec.center {
             planes = planes.with_center(center)?;
+            sketch = sketch.with_center(center)?;
         }
         let def = IndexDef {
             name: spec.name.clone(),
@@ -163,10 +187,17 @@ impl Engine {
             seed: spec.seed,
             model: spec.model,
             created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            sketch_bits,
+            stores_vectors: spec.store_vectors.unwrap_or(true),
         };
         let mut open = self.open_indexes();
-        let store = self.catalog.create(&def, &planes.to_row_major(), spec.center.as_deref())?;
-        let index = Arc::new(Index { store, planes });
+        let params = IndexParams {
+            hyperplanes: &planes.to_row_major(),
+            center: spec.center.as_deref(),
+            sketch_planes: Some(&sketch.to_row_major()),
+        };
+        let store = self.catalog.create(&def, params)?;
+        let index = Arc::new(Index { store, planes, sketch: Some(sketch) });
         open.insert(spec.name, index.clone());
         index.info()
     }
@@ -182,10 +213,19 @@ impl Engine {
         let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
         let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
         let mut planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?).map_err(corrupt)?;
+        let mut sketch = match (def.sketch_bits, store.sketch_planes()?) {
+            (0, _) => None,
+            (bits, Some(matrix)) => {
+                let shape = sketch_shape(shape.dim, bits).map_err(corrupt)?;
+                Some(Hyperplanes::from_row_major(shape, matrix).map_err(corrupt)?)
+            }
+            (_, None) => return Err(StoreError::Corrupt(format!("index {name:?} lacks its sketch hyperplanes")).into()),
+        };
         if let Some(center) = store.center()? {
             planes = planes.with_center(&center).map_err(corrupt)?;
+            sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
         }
-        let index = Arc::new(Index { store, planes });
+        let index = Arc::new(Index { store, planes, sketch });
         open.insert(name.to_string(), index.clone());
         Ok(index)
     }
@@ -225,6 +265,13 @@ fn validate_name(name: &str) -> Result<(), IndexError> {
 pub struct Index {
     store: Arc<dyn IndexStore>,
     planes: Hyperplanes,
+    /// Sketch hyperplanes; `None` for indexes written before layout 3.
+    sketch: Option<Hyperplanes>,
+}
+
+thread_local! {
+    /// One vote counter per query thread, reused: it grows to the largest item number seen.
+    static VOTES: RefCell<VoteCounter> = RefCell::default();
 }
 
 impl Index {
@@ -293,15 +340,18 @@ impl Index {
         if valid.is_empty() {
             return Ok(outcome);
         }
-        let codes = self.codes(valid.iter().map(|i| i.vector.as_slice()), valid.len())?;
+        let batch = self.batch(valid.iter().map(|i| i.vector.as_slice()), valid.len())?;
+        let codes = self.planes.codes(batch.view())?;
+        let sketches = self.sketch.as_ref().map(|s| s.codes(batch.view())).transpose()?;
         let new_items: Vec<NewItem> = valid
             .into_iter()
-            .zip(codes.outer_iter())
-            .map(|(item, codes)| NewItem {
+            .enumerate()
+            .map(|(row, item)| NewItem {
                 id: item.id,
                 label: item.label,
                 metadata: item.metadata,
-                codes: codes.to_vec(),
+                codes: codes.row(row).to_vec(),
+                sketch: sketches.as_ref().map_or_else(Vec::new, |s| s.row(row).to_vec()),
                 vector: item.vector,
             })
             .collect();
@@ -310,22 +360,12 @@ impl Index {
         Ok(outcome)
     }
 
-    fn codes<'a>(&self, vectors: impl Iterator<Item = &'a [f32]>, rows: usize) -> Result<Array2<u64>, IndexError> {
-        Ok(self.planes.codes_of(self.projections(vectors, rows)?.view()))
-    }
-
-    /// Projections (centred, if the index has a center) of `rows` vectors on every hyperplane.
-    fn projections<'a>(
-        &self,
-        vectors: impl Iterator<Item = &'a [f32]>,
-        rows: usize,
-    ) -> Result<Array2<f32>, IndexError> {
+    /// `rows` vectors as one `rows × dim` matrix.
+    fn batch<'a>(&self, vectors: impl Iterator<Item = &'a [f32]>, rows: usize) -> Result<Array2<f32>, IndexError> {
         let dim = self.def().dim as usize;
         let mut flat = Vec::with_capacity(rows * dim);
         vectors.for_each(|v| flat.extend_from_slice(v));
-        let batch =
-            Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))?;
-        Ok(self.planes.project(batch.view())?)
+        Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))
     }
 
     pub fn delete(&self, ids: &[String]) -> Result<usize, IndexError> {
@@ -340,12 +380,28 @@ impl Index {
             }
             k => k,
         } as usize;
+        let probes = options.probes.unwrap_or(DEFAULT_PROBES);
+        if probes > MAX_PROBES {
+            return Err(IndexError::InvalidArgument(format!("probes {probes} is over the limit of {MAX_PROBES}")));
+        }
+        if options.rerank_depth > MAX_RERANK_DEPTH {
+            return Err(IndexError::InvalidArgument(format!(
+                "rerank_depth {} is over the limit of {MAX_RERANK_DEPTH}",
+                options.rerank_depth
+            )));
+        }
         let (vector, exclude) = match by {
             QueryBy::Vector(v) => {
                 self.check_vector(&v).map_err(IndexError::InvalidArgument)?;
                 (v, None)
             }
             QueryBy::Id(id) => {
+                if !self.def().stores_vectors {
+                    return Err(IndexError::InvalidArgument(format!(
+                        "index {:?} does not store embeddings: query it by embedding or image",
+                        self.def().name
+                    )));
+                }
                 let number = self
                     .store
                     .item_number(&id)?
@@ -353,21 +409,32 @@ impl Index {
                 (self.store.vector(number)?, Some(number))
             }
         };
-        if options.probes > MAX_PROBES {
-            return Err(IndexError::InvalidArgument(format!(
-                "probes {} is over the limit of {MAX_PROBES}",
-                options.probes
-            )));
-        }
-        let projections = self.projections(std::iter::once(vector.as_slice()), 1)?;
+        VOTES.with_borrow_mut(|votes| {
+            votes.clear();
+            self.gather_votes(&vector, probes, votes)?;
+            if let Some(number) = exclude {
+                votes.remove(number);
+            }
+            let ranked = if options.rerank.unwrap_or(true) {
+                let depth =
+                    (if options.rerank_depth == 0 { DEFAULT_RERANK_DEPTH } else { options.rerank_depth }) as usize;
+                self.rank_by_similarity(&vector, &mut *votes, options.min_votes, top_k, depth.max(top_k))?
+            } else {
+                Self::rank_by_votes(votes, options.min_votes, top_k)
+            };
+            Ok(QueryResult { hits: self.hits(ranked, top_k)?, candidates: votes.candidates() as u32 })
+        })
+    }
+
+    /// Adds the buckets of the query's codes, and `probes` more per table, to `votes`.
+    fn gather_votes(&self, vector: &[f32], probes: u32, votes: &mut VoteCounter) -> Result<(), IndexError> {
+        let projections = self.planes.project_one(vector)?;
         let codes = self.planes.codes_of(projections.view());
         let k = self.def().hash_bits as usize;
-
-        let mut votes = VoteCounter::default();
         let mut bucket = Vec::new();
         for (table, &code) in codes.row(0).iter().enumerate() {
             let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
-            let probes = probe_codes(&table_projections, code, options.probes as usize);
+            let probes = probe_codes(&table_projections, code, probes as usize);
             // An item is in one bucket per table, so visiting several counts it at most once.
             for code in std::iter::once(code).chain(probes) {
                 bucket.clear();
@@ -375,56 +442,148 @@ impl Index {
                 votes.add_bucket(&bucket);
             }
         }
-        if let Some(number) = exclude {
-            votes.remove(number);
-        }
+        Ok(())
+    }
 
-        let tables = self.def().tables as f32;
-        let hit = |item: StoredItem, votes: u32, similarity: f32| Hit {
-            id: item.id,
-            label: item.label,
-            votes,
-            score: votes as f32 / tables,
-            similarity,
-            metadata: item.metadata,
+    /// Candidates with their votes, ordered best first by votes (ties: every item tied with the
+    /// `top_k`-th, to be broken by id once the ids are read).
+    fn rank_by_votes(votes: &VoteCounter, min_votes: u32, top_k: usize) -> Vec<Ranked> {
+        let mut ranked: Vec<Ranked> = votes
+            .contenders(top_k, min_votes)
+            .into_iter()
+            .map(|(number, votes)| Ranked { number, votes, similarity: 0.0 })
+            .collect();
+        ranked.sort_by_key(|r| std::cmp::Reverse(r.votes));
+        ranked
+    }
+
+    /// Candidates ordered by cosine similarity with the query, best first, at most `top_k`.
+    ///
+    /// With sketches, all candidates are ranked by Hamming distance first (a few popcounts
+    /// each) and only the nearest `depth` are compared exactly; without stored embeddings the
+    /// sketch distance gives the (estimated) similarity itself. An index without sketches
+    /// compares every candidate exactly.
+    fn rank_by_similarity(
+        &self,
+        vector: &[f32],
+        votes: &mut VoteCounter,
+        min_votes: u32,
+        top_k: usize,
+        depth: usize,
+    ) -> Result<Vec<Ranked>, IndexError> {
+        let Some(sketch) = &self.sketch else {
+            let candidates = votes.at_least(min_votes);
+            return Ok(best_first(self.exact(vector, &candidates)?, top_k));
         };
-        let hits = if options.rerank {
-            // Exact cosine over every candidate; votes only filter (min_votes).
-            let mut scored = Vec::new();
-            for (number, v) in votes.at_least(options.min_votes) {
-                scored.push((cosine(&vector, &self.store.vector(number)?), v, number));
-            }
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-            scored.truncate(top_k);
-            let numbers: Vec<u32> = scored.iter().map(|s| s.2).collect();
-            let by_number: HashMap<u32, (f32, u32)> = scored.iter().map(|&(sim, v, n)| (n, (sim, v))).collect();
-            let mut hits: Vec<Hit> = self
-                .store
-                .items(&numbers)?
-                .into_iter()
-                .map(|item| {
-                    let (sim, v) = by_number[&item.number];
-                    hit(item, v, sim)
-                })
-                .collect();
-            hits.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then_with(|| a.id.cmp(&b.id)));
-            hits
+        let query_sketch = sketch.codes_of(sketch.project_one(vector)?.view());
+        let query_sketch = query_sketch.row(0).to_vec();
+        let bits = self.def().sketch_bits;
+        let words = query_sketch.len();
+        let mut by_distance: Vec<(u32, u32, u32)> = Vec::new();
+        self.store.with_sketches(&mut |sketches| {
+            votes.for_each_at_least(min_votes, |number, votes| {
+                let start = number as usize * words;
+                // An item without a sketch (not expected) ranks last rather than failing the query.
+                let distance = sketches.get(start..start + words).map_or(bits, |s| hamming(&query_sketch, s));
+                by_distance.push((distance, number, votes));
+            });
+        });
+        let keep = if self.def().stores_vectors { depth } else { top_k };
+        nearest(&mut by_distance, keep, bits);
+        let ranked = if self.def().stores_vectors {
+            let numbers: Vec<(u32, u32)> = by_distance.iter().map(|&(_, n, v)| (n, v)).collect();
+            self.exact(vector, &numbers)?
         } else {
-            let contenders: HashMap<u32, u32> = votes.contenders(top_k, options.min_votes).into_iter().collect();
-            let numbers: Vec<u32> = contenders.keys().copied().collect();
-            let mut items = self.store.items(&numbers)?;
-            items.sort_by(|a, b| contenders[&b.number].cmp(&contenders[&a.number]).then_with(|| a.id.cmp(&b.id)));
-            items.truncate(top_k);
-            items
+            by_distance
                 .into_iter()
-                .map(|item| {
-                    let v = contenders[&item.number];
-                    hit(item, v, 0.0)
-                })
+                .map(|(d, number, votes)| Ranked { number, votes, similarity: estimated_cosine(d, bits) })
                 .collect()
         };
-        Ok(QueryResult { hits, candidates: votes.candidates() as u32 })
+        Ok(best_first(ranked, top_k))
     }
+
+    /// Exact cosine similarity of `vector` with each candidate's stored embedding.
+    fn exact(&self, vector: &[f32], candidates: &[(u32, u32)]) -> Result<Vec<Ranked>, IndexError> {
+        let mut stored = Vec::with_capacity(vector.len());
+        let mut ranked = Vec::with_capacity(candidates.len());
+        for &(number, votes) in candidates {
+            self.store.vector_into(number, &mut stored)?;
+            ranked.push(Ranked { number, votes, similarity: cosine(vector, &stored) });
+        }
+        Ok(ranked)
+    }
+
+    /// Hits for ranked candidates, in rank order; equal scores are ordered by id.
+    fn hits(&self, ranked: Vec<Ranked>, top_k: usize) -> Result<Vec<Hit>, IndexError> {
+        let numbers: Vec<u32> = ranked.iter().map(|r| r.number).collect();
+        let by_number: HashMap<u32, Ranked> = ranked.iter().map(|r| (r.number, *r)).collect();
+        let tables = self.def().tables as f32;
+        let mut hits: Vec<Hit> = self
+            .store
+            .items(&numbers)?
+            .into_iter()
+            .map(|item| {
+                let r = by_number[&item.number];
+                Hit {
+                    id: item.id,
+                    label: item.label,
+                    votes: r.votes,
+                    score: r.votes as f32 / tables,
+                    similarity: r.similarity,
+                    metadata: item.metadata,
+                }
+            })
+            .collect();
+        hits.sort_by(|a, b| {
+            b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)).then_with(|| a.id.cmp(&b.id))
+        });
+        hits.truncate(top_k);
+        Ok(hits)
+    }
+}
+
+/// The `top_k` best by similarity (then votes), best first.
+fn best_first(mut ranked: Vec<Ranked>, top_k: usize) -> Vec<Ranked> {
+    ranked.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)));
+    ranked.truncate(top_k);
+    ranked
+}
+
+/// Keeps the `keep` entries of smallest distance (`(distance, ..)`, distances ≤ `bits`), in
+/// ascending item order as they came. A histogram of the distances finds the cut-off in one
+/// pass, where a selection would shuffle thousands of entries.
+fn nearest<T>(entries: &mut Vec<(u32, T, T)>, keep: usize, bits: u32) {
+    if entries.len() <= keep {
+        return;
+    }
+    let mut histogram = vec![0usize; bits as usize + 1];
+    entries.iter().for_each(|e| histogram[e.0.min(bits) as usize] += 1);
+    let (mut cutoff, mut below) = (0u32, 0usize);
+    for (distance, &count) in histogram.iter().enumerate() {
+        if below + count >= keep {
+            cutoff = distance as u32;
+            break;
+        }
+        below += count;
+    }
+    // All entries nearer than the cut-off, and as many at it as fit.
+    let mut at_cutoff = keep - below;
+    entries.retain(|e| {
+        e.0 < cutoff
+            || (e.0 == cutoff && at_cutoff > 0 && {
+                at_cutoff -= 1;
+                true
+            })
+    });
+}
+
+/// A candidate's place in a ranking.
+#[derive(Debug, Clone, Copy)]
+struct Ranked {
+    number: u32,
+    votes: u32,
+    /// Cosine with the query (exact or estimated); 0 when ranked by votes.
+    similarity: f32,
 }
 
 #[cfg(test)]
@@ -441,10 +600,26 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_the_notebooks_and_dim_of_the_model() {
+    fn defaults_are_the_measured_ones_and_dim_of_the_model() {
         let dir = tempfile::tempdir().unwrap();
         let info = engine(dir.path()).create(IndexSpec { name: "a".into(), ..Default::default() }).unwrap();
-        assert_eq!((info.def.dim, info.def.hash_bits, info.def.tables, info.items), (4, 8, 10, 0));
+        assert_eq!((info.def.dim, info.def.hash_bits, info.def.tables, info.items), (4, 12, 16, 0));
+        assert_eq!((info.def.sketch_bits, info.def.stores_vectors), (DEFAULT_SKETCH_BITS, true));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn nearest_keeps_the_smallest_distances(distances in proptest::collection::vec(0u32..=64, 0..300), keep in 1usize..100) {
+            let mut entries: Vec<(u32, u32, u32)> = distances.iter().enumerate().map(|(i, &d)| (d, i as u32, 0)).collect();
+            let mut sorted = distances.clone();
+            sorted.sort_unstable();
+            nearest(&mut entries, keep, 64);
+            proptest::prop_assert_eq!(entries.len(), keep.min(distances.len()));
+            let mut kept: Vec<u32> = entries.iter().map(|e| e.0).collect();
+            kept.sort_unstable();
+            proptest::prop_assert_eq!(kept, sorted[..keep.min(sorted.len())].to_vec());
+            proptest::prop_assert!(entries.windows(2).all(|w| w[0].1 < w[1].1), "item order kept");
+        }
     }
 
     #[test]
@@ -503,17 +678,18 @@ mod tests {
                 (3, vec_item("opposite", &[-1.0, -0.2, -0.1, 0.0])),
             ])
             .unwrap();
-        let result = index.query(QueryBy::Vector(q.to_vec()), &QueryOptions::default()).unwrap();
+        let by_votes = QueryOptions { rerank: Some(false), probes: Some(0), ..Default::default() };
+        let result = index.query(QueryBy::Vector(q.to_vec()), &by_votes).unwrap();
         let ids: Vec<&str> = result.hits.iter().map(|h| h.id.as_str()).collect();
         assert_eq!(&ids[..2], ["same-a", "same-b"]);
         assert_eq!(result.hits[0].votes, 8);
         assert_eq!(result.hits[0].score, 1.0);
         assert!(!ids.contains(&"opposite"), "the opposite vector shares no bucket");
-        let by_id = index.query(QueryBy::Id("same-a".into()), &QueryOptions::default()).unwrap();
+        let by_id = index.query(QueryBy::Id("same-a".into()), &by_votes).unwrap();
         assert_eq!(by_id.hits[0].id, "same-b");
         assert!(by_id.hits.iter().all(|h| h.id != "same-a"));
         let strict = index
-            .query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8, ..Default::default() })
+            .query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, min_votes: 8, ..by_votes.clone() })
             .unwrap();
         assert_eq!(strict.hits.len(), 1);
         assert!(matches!(
@@ -533,10 +709,12 @@ mod tests {
             .collect();
         index.ingest(items).unwrap();
         let q = vec![0.4, 0.5, 0.3, -0.2];
-        let plain =
-            index.query(QueryBy::Vector(q.clone()), &QueryOptions { top_k: 200, ..Default::default() }).unwrap();
-        let probed =
-            index.query(QueryBy::Vector(q), &QueryOptions { top_k: 200, probes: 8, ..Default::default() }).unwrap();
+        let plain = index
+            .query(QueryBy::Vector(q.clone()), &QueryOptions { top_k: 200, probes: Some(0), ..Default::default() })
+            .unwrap();
+        let probed = index
+            .query(QueryBy::Vector(q), &QueryOptions { top_k: 200, probes: Some(8), ..Default::default() })
+            .unwrap();
         assert!(probed.candidates > plain.candidates, "{} vs {}", probed.candidates, plain.candidates);
         assert!(probed.hits.iter().all(|h| h.votes <= 4));
     }
@@ -569,6 +747,87 @@ mod tests {
         );
         let bad = IndexSpec { name: "d".into(), center: Some(vec![0.0; 3]), ..Default::default() };
         assert!(matches!(e.create(bad), Err(IndexError::InvalidArgument(_))));
+    }
+
+    /// `n` pseudo-random vectors (uniform in [-1, 1) plus an offset, like uncentred embeddings).
+    fn spread(n: usize, dim: usize) -> Vec<(u32, VectorItem)> {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
+        (0..n)
+            .map(|i| {
+                let v: Vec<f32> = (0..dim).map(|d| rng.random_range(-1.0f32..1.0) + 0.1 * d as f32).collect();
+                (i as u32, vec_item(&format!("i{i}"), &v))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sketch_prefilter_keeps_the_exact_order_of_what_it_reranks() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 4, seed: 2, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        let items = spread(400, 4);
+        let query = items[17].1.vector.clone();
+        index.ingest(items).unwrap();
+        let all = QueryOptions { top_k: 5, rerank_depth: MAX_RERANK_DEPTH, ..Default::default() };
+        let exact = index.query(QueryBy::Vector(query.clone()), &all).unwrap();
+        // The item itself is at sketch distance 0: always within any depth, always first.
+        let shallow = QueryOptions { top_k: 5, rerank_depth: 5, ..Default::default() };
+        let cheap = index.query(QueryBy::Vector(query), &shallow).unwrap();
+        assert_eq!((exact.hits[0].id.as_str(), cheap.hits[0].id.as_str()), ("i17", "i17"));
+        assert!((cheap.hits[0].similarity - 1.0).abs() < 1e-5);
+        assert!(cheap.hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+        // What the shallow query returns is exact, just possibly not the best 5.
+        for hit in &cheap.hits {
+            if let Some(same) = exact.hits.iter().find(|h| h.id == hit.id) {
+                assert_eq!(same.similarity, hit.similarity);
+            }
+        }
+    }
+
+    #[test]
+    fn index_without_embeddings_ranks_by_estimated_cosine() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = IndexSpec {
+            name: "s".into(),
+            hash_bits: 4,
+            tables: 4,
+            sketch_bits: 1024,
+            store_vectors: Some(false),
+            ..Default::default()
+        };
+        let items = spread(200, 4);
+        let query = items[5].1.vector.clone();
+        let first = {
+            let e = engine(dir.path());
+            let info = e.create(spec).unwrap();
+            assert_eq!((info.def.stores_vectors, info.def.sketch_bits), (false, 1024));
+            let index = e.index("s").unwrap();
+            index.ingest(items.clone()).unwrap();
+            assert!(matches!(
+                index.query(QueryBy::Id("i5".into()), &QueryOptions::default()),
+                Err(IndexError::InvalidArgument(_))
+            ));
+            index.query(QueryBy::Vector(query.clone()), &QueryOptions::default()).unwrap()
+        };
+        assert_eq!(first.hits[0].id, "i5");
+        assert_eq!(first.hits[0].similarity, 1.0, "distance 0 estimates cosine 1");
+        for hit in &first.hits {
+            let number: usize = hit.id[1..].parse().unwrap();
+            let exact = cosine(&query, &items[number].1.vector);
+            assert!((hit.similarity - exact).abs() < 0.2, "{}: estimate {} exact {exact}", hit.id, hit.similarity);
+        }
+        assert!(
+            std::fs::read_dir(dir.path().join("vectors"))
+                .unwrap()
+                .all(|f| { f.unwrap().path().extension().is_some_and(|x| x == "sketch") }),
+            "no vector file"
+        );
+        // The sketches come back from disk.
+        let e = engine(dir.path());
+        let again = e.index("s").unwrap().query(QueryBy::Vector(query), &QueryOptions::default()).unwrap();
+        assert_eq!(again.hits, first.hits);
     }
 
     #[test]

@@ -136,7 +136,7 @@ async fn real_images_stream_in_and_queries_find_their_class() {
             index: "fashion".into(),
             query: Some(Query::Image(webp)),
             top_k: 3,
-            rerank: false,
+            rerank: Some(false),
             ..Default::default()
         })
         .await
@@ -154,7 +154,7 @@ async fn real_images_stream_in_and_queries_find_their_class() {
                 index: "fashion".into(),
                 query: Some(Query::Image(png.clone())),
                 top_k: 5,
-                rerank: true,
+                rerank: Some(true),
                 ..Default::default()
             })
             .await

@@ -42,6 +42,7 @@ async fn migrate_upgrades_a_version_1_directory() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("applied layout version 2"), "{stdout}");
+    assert!(stdout.contains("applied layout version 3"), "{stdout}");
     // A second run has nothing to do.
     let out =
         Command::new(env!("CARGO_BIN_EXE_imagelsh")).args(["migrate", "--data-dir"]).arg(dir.path()).output().unwrap();

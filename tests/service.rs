@@ -23,9 +23,9 @@ async fn index_lifecycle_and_its_error_codes() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (info.dim, info.hash_bits, info.tables, info.items),
-        (1280, 8, 10, 0),
-        "the notebook's K and L, the model's dim"
+        (info.dim, info.hash_bits, info.tables, info.items, info.sketch_bits, info.stores_embeddings),
+        (1280, 12, 16, 0, 512, true),
+        "the measured defaults (BENCHMARKS.md), the model's dim"
     );
 
     let info = create(&mut client, "small", DIM as u32, 16, 4).await;
@@ -55,12 +55,21 @@ async fn index_lifecycle_and_its_error_codes() {
             .unwrap_err();
         assert_eq!(bad.code(), Code::InvalidArgument, "K={hash_bits} L={tables}");
     }
+    for sketch_bits in [100, 8192] {
+        let bad = client
+            .create_index(proto::CreateIndexRequest { name: "bad".into(), sketch_bits, ..Default::default() })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "sketch_bits {sketch_bits}");
+    }
     let bad_name = client
         .create_index(proto::CreateIndexRequest { name: "no spaces".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(bad_name.code(), Code::InvalidArgument);
 
+    let deep = proto::QueryRequest { rerank_depth: 1_000_000, ..query_vector("small", &[0.5; DIM], 5) };
+    assert_eq!(client.query(deep).await.unwrap_err().code(), Code::InvalidArgument);
     let missing = client.get_index(proto::GetIndexRequest { name: "nope".into() }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     let missing = client.query(query_vector("nope", &[0.0; DIM], 5)).await.unwrap_err();
@@ -103,7 +112,7 @@ async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
     assert!(responses.iter().all(|r| r.indexed == 100 && r.errors.is_empty()));
     assert_eq!(client.get_index(proto::GetIndexRequest { name: "img".into() }).await.unwrap().into_inner().items, 600);
 
-    // A vector's nearest hits are its own cluster, with all votes.
+    // A vector's nearest hits are its own cluster: by default re-ranked by cosine, itself first.
     let result = client.query(query_vector("img", &vectors[7], 20)).await.unwrap().into_inner();
     assert_eq!(result.hits.len(), 20);
     assert!(
@@ -111,9 +120,15 @@ async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
         "{:?}",
         result.hits.iter().map(|h| &h.label).collect::<Vec<_>>()
     );
-    assert_eq!(result.hits[0].votes, 8);
-    assert_eq!(result.hits[0].score, 1.0);
+    assert_eq!((result.hits[0].id.as_str(), result.hits[0].votes, result.hits[0].score), ("v7", 8, 1.0));
+    assert!((result.hits[0].similarity - 1.0).abs() < 1e-5);
     assert!(result.candidates >= 20);
+    assert!(result.hits.windows(2).all(|p| p[0].similarity >= p[1].similarity), "similarity descending");
+    // Ranked by votes alone (the notebook's ranking).
+    let by_votes = proto::QueryRequest { rerank: Some(false), ..query_vector("img", &vectors[7], 20) };
+    let result = client.query(by_votes).await.unwrap().into_inner();
+    assert!(result.hits.iter().all(|h| h.label == "c1" && h.similarity == 0.0));
+    assert_eq!(result.hits[0].votes, 8);
     for pair in result.hits.windows(2) {
         assert!((pair[0].votes, &pair[1].id) >= (pair[1].votes, &pair[0].id), "votes descending, then id");
     }
@@ -132,6 +147,37 @@ async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
     let result = client.query(query_vector("img", &vectors[7], 200)).await.unwrap().into_inner();
     assert!(result.hits.iter().all(|h| h.id != "v1" && h.id != "v7"));
     assert_eq!(client.get_index(proto::GetIndexRequest { name: "img".into() }).await.unwrap().into_inner().items, 598);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn index_without_embeddings_reranks_by_sketch_and_refuses_queries_by_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    let request = proto::CreateIndexRequest {
+        name: "lean".into(),
+        dim: DIM as u32,
+        hash_bits: 8,
+        tables: 6,
+        store_embeddings: Some(false),
+        sketch_bits: 1024,
+        ..Default::default()
+    };
+    let info = client.create_index(request).await.unwrap().into_inner();
+    assert_eq!((info.stores_embeddings, info.sketch_bits), (false, 1024));
+    let vectors = clustered(300, DIM, 3, 0.05, 4);
+    let items =
+        vectors.iter().enumerate().map(|(i, v)| vector_item(format!("v{i}"), format!("c{}", i % 3), v)).collect();
+    ingest(&mut client, vec![batch("lean", 1, items)]).await.unwrap();
+
+    let hits = client.query(query_vector("lean", &vectors[4], 10)).await.unwrap().into_inner().hits;
+    assert_eq!(hits[0].id, "v4");
+    assert_eq!(hits[0].similarity, 1.0, "sketch distance 0");
+    assert!(hits.iter().all(|h| h.label == "c1" && h.similarity > 0.8), "{hits:?}");
+    assert!(hits.windows(2).all(|p| p[0].similarity >= p[1].similarity));
+    let by_id = client.query(query_id("lean", "v4", 10)).await.unwrap_err();
+    assert_eq!(by_id.code(), Code::InvalidArgument);
+    assert!(by_id.message().contains("does not store embeddings"), "{}", by_id.message());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,8 @@ impl From<IndexInfo> for proto::IndexInfo {
             items: info.items,
             model: d.model,
             centered: info.centered,
+            stores_embeddings: d.stores_vectors,
+            sketch_bits: d.sketch_bits,
         }
     }
 }

@@ -202,6 +202,8 @@ impl ImageIndex for ImageIndexService {
             seed: r.seed,
             model,
             center,
+            sketch_bits: r.sketch_bits,
+            store_vectors: r.store_embeddings,
         };
         let engine = self.engine.clone();
         let info = blocking(move || engine.create(spec)).await?;
@@ -267,7 +269,13 @@ impl ImageIndex for ImageIndexService {
             }
             None => return Err(Status::invalid_argument("a query needs an image, an embedding or an id")),
         };
-        let options = QueryOptions { top_k: r.top_k, min_votes: r.min_votes, probes: r.probes, rerank: r.rerank };
+        let options = QueryOptions {
+            top_k: r.top_k,
+            min_votes: r.min_votes,
+            probes: r.probes,
+            rerank: r.rerank,
+            rerank_depth: r.rerank_depth,
+        };
         let result = blocking(move || index.query(by, &options)).await?;
         Ok(Response::new(proto::QueryResponse {
             hits: result.hits.into_iter().map(Into::into).collect(),

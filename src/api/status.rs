@@ -21,6 +21,8 @@ impl From<IndexError> for Status {
                 StoreError::LayoutTooNew { .. } => Status::failed_precondition(store.to_string()),
                 StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
                 StoreError::Dropped(_) => Status::not_found(store.to_string()),
+                // The domain refuses what needs embeddings before asking the store for them.
+                StoreError::VectorsNotStored(_) => Status::failed_precondition(store.to_string()),
                 StoreError::Sled(_) | StoreError::Io(_) => {
                     tracing::error!(error = %store, "storage failure");
                     Status::internal(format!("storage failure: {store}"))

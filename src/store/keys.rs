@@ -5,6 +5,7 @@
 //! |--------------------------------------------|----------------------------------------|
 //! | `P`                                        | hyperplane matrix, f32 LE, row-major   |
 //! | `M`                                        | center (layout ≥ 2, optional), f32 LE  |
+//! | `S`                                        | sketch hyperplanes (layout ≥ 3, optional), f32 LE |
 //! | `N`                                        | next item number, u32 BE               |
 //! | `C`                                        | live item count, u64 BE                |
 //! | `B` table u16 ‖ code u64 ‖ chunk u32       | sealed chunk: item numbers, u32 LE each |
@@ -14,6 +15,7 @@
 
 pub const HYPERPLANES: &[u8] = b"P";
 pub const CENTER: &[u8] = b"M";
+pub const SKETCH_PLANES: &[u8] = b"S";
 pub const NEXT_ITEM: &[u8] = b"N";
 pub const ITEM_COUNT: &[u8] = b"C";
 const BUCKET: u8 = b'B';

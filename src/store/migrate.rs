@@ -5,7 +5,7 @@
 use super::StoreError;
 
 /// The layout this build writes.
-pub const CURRENT_VERSION: u32 = 2;
+pub const CURRENT_VERSION: u32 = 3;
 
 const META_TREE: &str = "meta";
 const VERSION_KEY: &[u8] = b"layout_version";
@@ -34,6 +34,12 @@ pub const MIGRATIONS: &[Migration] = &[
         description: include_str!("../../migrations/0002_index_centers.md"),
         apply: index_centers,
     },
+    Migration {
+        version: 3,
+        name: "item_sketches",
+        description: include_str!("../../migrations/0003_item_sketches.md"),
+        apply: item_sketches,
+    },
 ];
 
 /// Version 1: a catalog of indexes, one tree per index, vector files beside the database.
@@ -46,6 +52,13 @@ fn initial_layout(db: &sled::Db) -> Result<(), StoreError> {
 /// Indexes written under version 1 have none and keep hashing as before: nothing to rewrite.
 /// The version matters to older builds, which would ignore the center and hash differently.
 fn index_centers(_: &sled::Db) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Version 3: an index may keep item sketches (`IndexRecord.sketch_bits`, key `S`, a sketch
+/// file) and may keep no embeddings (`IndexRecord.vectors_omitted`). Version-2 indexes have
+/// neither field set and work as before: nothing to rewrite. Older builds must refuse such data.
+fn item_sketches(_: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 

@@ -3,8 +3,8 @@
 
 mod keys;
 pub mod migrate;
+mod records;
 mod sled_store;
-mod vectors;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +32,8 @@ pub enum StoreError {
     Dropped(String),
     #[error("index {0:?} has used all 2^32 item numbers")]
     ItemNumbersExhausted(String),
+    #[error("index {0:?} does not store embeddings")]
+    VectorsNotStored(String),
 }
 
 /// What defines an index, fixed at creation.
@@ -46,6 +48,20 @@ pub struct IndexDef {
     pub model: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// Bits of each item's sketch; 0 when the index keeps none.
+    pub sketch_bits: u32,
+    /// Whether the index keeps every item's embedding (for exact re-ranking and queries by id).
+    pub stores_vectors: bool,
+}
+
+/// What an index is created with besides its definition; matrices are row-major f32.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexParams<'a> {
+    pub hyperplanes: &'a [f32],
+    /// Subtracted from vectors before hashing and sketching.
+    pub center: Option<&'a [f32]>,
+    /// The sketch hyperplanes, when `sketch_bits > 0`.
+    pub sketch_planes: Option<&'a [f32]>,
 }
 
 /// An item to write with everything the store keeps of it.
@@ -56,6 +72,9 @@ pub struct NewItem {
     pub metadata: HashMap<String, String>,
     /// One code per table.
     pub codes: Vec<u64>,
+    /// `sketch_bits / 64` words, empty when the index keeps no sketches.
+    pub sketch: Vec<u64>,
+    /// Ignored when the index does not store embeddings.
     pub vector: Vec<f32>,
 }
 
@@ -70,13 +89,8 @@ pub struct StoredItem {
 
 /// The registry of indexes.
 pub trait Catalog: Send + Sync {
-    /// Creates an index with its hyperplane matrix (row-major f32) and its center, if any, durably.
-    fn create(
-        &self,
-        def: &IndexDef,
-        hyperplanes: &[f32],
-        center: Option<&[f32]>,
-    ) -> Result<Arc<dyn IndexStore>, StoreError>;
+    /// Creates an index, durably.
+    fn create(&self, def: &IndexDef, params: IndexParams<'_>) -> Result<Arc<dyn IndexStore>, StoreError>;
     /// Opens an existing index; `None` if there is none of that name.
     fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError>;
     fn list(&self) -> Result<Vec<IndexDef>, StoreError>;
@@ -90,6 +104,8 @@ pub trait IndexStore: Send + Sync {
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError>;
     /// The vector subtracted before hashing, if the index has one.
     fn center(&self) -> Result<Option<Vec<f32>>, StoreError>;
+    /// The sketch hyperplanes, if the index keeps sketches.
+    fn sketch_planes(&self) -> Result<Option<Vec<f32>>, StoreError>;
     /// Inserts the items, replacing any with the same id (the last of a repeated id wins).
     /// Atomic: after any crash every item is in all of its buckets or in none. Durable on return.
     fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError>;
@@ -100,7 +116,17 @@ pub trait IndexStore: Send + Sync {
     /// The items with these numbers, skipping numbers with no live item.
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError>;
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError>;
-    fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError>;
+    /// The stored embedding of item `number`, into `out` (replacing its contents).
+    fn vector_into(&self, number: u32, out: &mut Vec<f32>) -> Result<(), StoreError>;
+    fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError> {
+        let mut out = Vec::new();
+        self.vector_into(number, &mut out)?;
+        Ok(out)
+    }
+    /// Calls `f` with every item's sketch, `sketch_bits / 64` words per item number, in one
+    /// slice (held in memory: ranking thousands of candidates must not touch the disk). Items
+    /// numbered past its end, and indexes without sketches, have none.
+    fn with_sketches(&self, f: &mut dyn FnMut(&[u64]));
     /// Live items.
     fn len(&self) -> Result<u64, StoreError>;
     fn is_empty(&self) -> Result<bool, StoreError> {

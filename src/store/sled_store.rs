@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message;
 
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
-use super::vectors::VectorFile;
-use super::{Catalog, IndexDef, IndexStore, NewItem, StoreError, StoredItem};
+use super::records::{self, RecordFile};
+use super::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError, StoredItem};
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
 /// Item numbers per bucket chunk: an append rewrites one chunk of at most 2 KiB, however
@@ -119,14 +119,23 @@ impl SledCatalog {
     fn open_record(&self, record: IndexRecord) -> Result<Arc<dyn IndexStore>, StoreError> {
         let tree = self.db.open_tree(tree_name(record.uid))?;
         let next = read_u32(&tree, keys::NEXT_ITEM)?;
-        let vectors = VectorFile::open(&vector_path(&self.vectors_dir, record.uid), record.dim as usize, next)?;
+        let def = def_of(&record);
+        let vectors = match def.stores_vectors {
+            true => Some(RecordFile::open(&vector_path(&self.vectors_dir, record.uid), 4 * def.dim as usize, next)?),
+            false => None,
+        };
+        let sketches = match def.sketch_bits {
+            0 => None,
+            bits => Some(Sketches::open(&sketch_path(&self.vectors_dir, record.uid), bits, next)?),
+        };
         Ok(Arc::new(SledIndex {
-            def: def_of(&record),
+            def,
             record,
             db: self.db.clone(),
             catalog: self.catalog.clone(),
             tree,
             vectors,
+            sketches,
             vectors_dir: self.vectors_dir.clone(),
             durability: self.durability.clone(),
             writer: Mutex::new(()),
@@ -143,6 +152,10 @@ fn vector_path(dir: &Path, uid: u64) -> PathBuf {
     dir.join(format!("{uid:016x}.f32"))
 }
 
+fn sketch_path(dir: &Path, uid: u64) -> PathBuf {
+    dir.join(format!("{uid:016x}.sketch"))
+}
+
 fn def_of(r: &IndexRecord) -> IndexDef {
     IndexDef {
         name: r.name.clone(),
@@ -152,6 +165,8 @@ fn def_of(r: &IndexRecord) -> IndexDef {
         seed: r.seed,
         model: r.model.clone(),
         created_at: r.created_at,
+        sketch_bits: r.sketch_bits,
+        stores_vectors: !r.vectors_omitted,
     }
 }
 
@@ -166,12 +181,7 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
 }
 
 impl Catalog for SledCatalog {
-    fn create(
-        &self,
-        def: &IndexDef,
-        hyperplanes: &[f32],
-        center: Option<&[f32]>,
-    ) -> Result<Arc<dyn IndexStore>, StoreError> {
+    fn create(&self, def: &IndexDef, params: IndexParams<'_>) -> Result<Arc<dyn IndexStore>, StoreError> {
         let _guard = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
         if self.catalog.contains_key(def.name.as_bytes())? {
             return Err(StoreError::AlreadyExists(def.name.clone()));
@@ -186,19 +196,23 @@ impl Catalog for SledCatalog {
             seed: def.seed,
             model: def.model.clone(),
             created_at: def.created_at,
+            sketch_bits: def.sketch_bits,
+            vectors_omitted: !def.stores_vectors,
         };
         // The tree first, the catalog entry last: a crash in between leaves an orphan tree that
         // the next open removes, never a catalog entry without its data.
         let tree = self.db.open_tree(tree_name(uid))?;
         let mut batch = sled::Batch::default();
-        batch.insert(keys::HYPERPLANES, keys::encode_f32s(hyperplanes));
-        if let Some(center) = center {
+        batch.insert(keys::HYPERPLANES, keys::encode_f32s(params.hyperplanes));
+        if let Some(center) = params.center {
             batch.insert(keys::CENTER, keys::encode_f32s(center));
+        }
+        if let Some(planes) = params.sketch_planes {
+            batch.insert(keys::SKETCH_PLANES, keys::encode_f32s(planes));
         }
         batch.insert(keys::NEXT_ITEM, &0u32.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &0u64.to_be_bytes());
         tree.apply_batch(batch)?;
-        VectorFile::open(&vector_path(&self.vectors_dir, uid), def.dim as usize, 0)?;
         self.catalog.insert(def.name.as_bytes(), record.encode_to_vec())?;
         self.durability.commit()?;
         self.open_record(record)
@@ -226,7 +240,8 @@ struct SledIndex {
     db: sled::Db,
     catalog: sled::Tree,
     tree: sled::Tree,
-    vectors: VectorFile,
+    vectors: Option<RecordFile>,
+    sketches: Option<Sketches>,
     vectors_dir: PathBuf,
     durability: Arc<Durability>,
     /// Writes are read-modify-write of buckets and counters: one writer at a time.
@@ -304,6 +319,10 @@ impl IndexStore for SledIndex {
         Ok(self.tree.get(keys::CENTER)?.map(|bytes| keys::decode_f32s(&bytes)))
     }
 
+    fn sketch_planes(&self) -> Result<Option<Vec<f32>>, StoreError> {
+        Ok(self.tree.get(keys::SKETCH_PLANES)?.map(|bytes| keys::decode_f32s(&bytes)))
+    }
+
     fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError> {
         // The last occurrence of a repeated id wins, as if the items were sent one by one.
         let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
@@ -341,8 +360,13 @@ impl IndexStore for SledIndex {
             batch.insert(keys::id(&item.id), &number.to_be_bytes());
             count += 1;
         }
-        // Vectors first: sled's commit below is what makes the batch exist.
-        self.vectors.write_batch(first, items.iter().map(|it| it.vector.as_slice()))?;
+        // Records first: sled's commit below is what makes the batch exist.
+        if let Some(vectors) = &self.vectors {
+            vectors.write_batch(first, items.len(), |i, buf| records::put_f32s(&items[i].vector, buf))?;
+        }
+        if let Some(sketches) = &self.sketches {
+            sketches.append(first, &items)?;
+        }
         for edit in edits.into_values() {
             edit.write(&mut batch);
         }
@@ -380,12 +404,18 @@ impl IndexStore for SledIndex {
     }
 
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError> {
-        for chunk in self.tree.scan_prefix(keys::bucket_prefix(table, code)) {
-            let (key, value) = chunk?;
-            if chunk_number(&key)? == keys::OPEN_CHUNK {
-                keys::decode_open_chunk(&value, out).ok_or_else(|| StoreError::Corrupt("open bucket chunk".into()))?;
-            } else {
-                keys::decode_items(&value, out);
+        // Point lookups, not a prefix scan: sled 0.34's iterators copy every node they visit,
+        // and a query reads L × (1 + probes) buckets. A bucket with sealed chunks always has
+        // an open chunk, which says how many sealed chunks were created.
+        let Some(open) = self.tree.get(keys::bucket_chunk(table, code, keys::OPEN_CHUNK))? else {
+            return Ok(());
+        };
+        let sealed = keys::decode_open_chunk(&open, out)
+            .ok_or_else(|| StoreError::Corrupt(format!("open chunk of bucket {code:x} in table {table}")))?;
+        for chunk in 0..sealed {
+            // Chunks emptied by deletes are gone.
+            if let Some(items) = self.tree.get(keys::bucket_chunk(table, code, chunk))? {
+                keys::decode_items(&items, out);
             }
         }
         Ok(())
@@ -406,8 +436,16 @@ impl IndexStore for SledIndex {
         self.existing_number(id)
     }
 
-    fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError> {
-        self.vectors.read(number)
+    fn vector_into(&self, number: u32, out: &mut Vec<f32>) -> Result<(), StoreError> {
+        let vectors = self.vectors.as_ref().ok_or_else(|| StoreError::VectorsNotStored(self.def.name.clone()))?;
+        vectors.read(number, |payload| records::get_f32s(payload, out))
+    }
+
+    fn with_sketches(&self, f: &mut dyn FnMut(&[u64])) {
+        match &self.sketches {
+            Some(sketches) => f(&sketches.words.read().unwrap_or_else(|e| e.into_inner())),
+            None => f(&[]),
+        }
     }
 
     fn len(&self) -> Result<u64, StoreError> {
@@ -422,12 +460,51 @@ impl IndexStore for SledIndex {
         self.catalog.remove(self.def.name.as_bytes())?;
         self.durability.commit()?;
         self.db.drop_tree(tree_name(self.record.uid))?;
-        let path = vector_path(&self.vectors_dir, self.record.uid);
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(e.into());
+        for path in [vector_path(&self.vectors_dir, self.record.uid), sketch_path(&self.vectors_dir, self.record.uid)] {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(e.into());
+            }
         }
+        Ok(())
+    }
+}
+
+/// An index's sketches: a record file, and all of it in memory for queries (64 bytes an item at
+/// 512 bits; read once when the index is opened).
+struct Sketches {
+    file: RecordFile,
+    words_per_item: usize,
+    /// Item `n`'s words at `n × words_per_item`.
+    words: RwLock<Vec<u64>>,
+}
+
+impl Sketches {
+    fn open(path: &Path, bits: u32, committed: u32) -> Result<Self, StoreError> {
+        let words_per_item = bits as usize / 64;
+        let file = RecordFile::open(path, 8 * words_per_item, committed)?;
+        let mut words = Vec::with_capacity(committed as usize * words_per_item);
+        file.read_all(committed, |_, payload| records::get_u64s(payload, &mut words))?;
+        Ok(Self { file, words_per_item, words: RwLock::new(words) })
+    }
+
+    /// Writes the sketches of items `first, first + 1, …` (before the sled batch that commits them).
+    fn append(&self, first: u32, items: &[&NewItem]) -> Result<(), StoreError> {
+        if let Some(bad) = items.iter().find(|it| it.sketch.len() != self.words_per_item) {
+            return Err(StoreError::Corrupt(format!(
+                "item {:?} has a sketch of {} words, the index keeps {}",
+                bad.id,
+                bad.sketch.len(),
+                self.words_per_item
+            )));
+        }
+        self.file.write_batch(first, items.len(), |i, buf| records::put_u64s(&items[i].sketch, buf))?;
+        let mut words = self.words.write().unwrap_or_else(|e| e.into_inner());
+        // A batch that failed after this point left words of uncommitted items: theirs are
+        // overwritten now, as the file's records were.
+        words.truncate(first as usize * self.words_per_item);
+        items.iter().for_each(|it| words.extend_from_slice(&it.sketch));
         Ok(())
     }
 }
@@ -544,7 +621,21 @@ mod tests {
     use super::*;
 
     fn def(name: &str, dim: u32, tables: u32) -> IndexDef {
-        IndexDef { name: name.into(), dim, hash_bits: 8, tables, seed: 1, model: String::new(), created_at: 0 }
+        IndexDef {
+            name: name.into(),
+            dim,
+            hash_bits: 8,
+            tables,
+            seed: 1,
+            model: String::new(),
+            created_at: 0,
+            sketch_bits: 0,
+            stores_vectors: true,
+        }
+    }
+
+    fn planes(hyperplanes: &[f32]) -> IndexParams<'_> {
+        IndexParams { hyperplanes, center: None, sketch_planes: None }
     }
 
     fn item(id: &str, codes: &[u64], vector: &[f32]) -> NewItem {
@@ -553,6 +644,7 @@ mod tests {
             label: format!("label-{id}"),
             metadata: HashMap::new(),
             codes: codes.to_vec(),
+            sketch: Vec::new(),
             vector: vector.to_vec(),
         }
     }
@@ -575,7 +667,7 @@ mod tests {
     fn upsert_replace_delete_keep_buckets_consistent() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 2, 2), &[0.0; 2 * 16], None).unwrap();
+        let store = catalog.create(&def("a", 2, 2), planes(&[0.0; 2 * 16])).unwrap();
         store.upsert(&[item("x", &[1, 5], &[1.0, 0.0]), item("y", &[1, 6], &[0.0, 1.0])]).unwrap();
         assert_eq!(ids_in_bucket(&*store, 0, 1), ["x", "y"]);
         assert_eq!(ids_in_bucket(&*store, 1, 5), ["x"]);
@@ -597,7 +689,7 @@ mod tests {
     fn repeated_id_in_one_batch_keeps_the_last() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 1, 1), &[0.0; 8], None).unwrap();
+        let store = catalog.create(&def("a", 1, 1), planes(&[0.0; 8])).unwrap();
         store.upsert(&[item("x", &[1], &[1.0]), item("x", &[2], &[2.0])]).unwrap();
         assert!(bucket(&*store, 0, 1).is_empty());
         assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
@@ -608,7 +700,7 @@ mod tests {
     fn large_buckets_span_chunks_and_shrink_back() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        let store = catalog.create(&def("a", 1, 1), &[0.0; 8], None).unwrap();
+        let store = catalog.create(&def("a", 1, 1), planes(&[0.0; 8])).unwrap();
         let n = CHUNK_CAPACITY * 2 + 10;
         for batch in (0..n).collect::<Vec<_>>().chunks(300) {
             let items: Vec<NewItem> = batch.iter().map(|i| item(&i.to_string(), &[7], &[*i as f32])).collect();
@@ -629,9 +721,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-            let store = catalog.create(&def("a", 2, 1), &[1.5; 2 * 8], None).unwrap();
+            let store = catalog.create(&def("a", 2, 1), planes(&[1.5; 2 * 8])).unwrap();
             store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
-            assert!(matches!(catalog.create(&def("a", 2, 1), &[0.0; 16], None), Err(StoreError::AlreadyExists(_))));
+            assert!(matches!(catalog.create(&def("a", 2, 1), planes(&[0.0; 16])), Err(StoreError::AlreadyExists(_))));
         }
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
         assert_eq!(catalog.list().unwrap(), vec![def("a", 2, 1)]);

@@ -1,0 +1,206 @@
+//! Fixed-size record files beside sled: an index's embeddings (5 KB values bloat sled and slow
+//! its open) and its sketches. One record per item number, so that a record's offset is
+//! `item × record_len`. Record: item u32 LE ‖ payload ‖ crc32 of both, LE.
+//!
+//! The sled tree is the source of truth: a batch's records are written and synced before its
+//! sled batch, and at open a file is cut back to the items sled has committed. Reads go through
+//! a memory map (re-ranking reads hundreds of records per query; a `pread` each costs a
+//! system call), remapped after every write.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::RwLock;
+
+use memmap2::Mmap;
+
+use super::StoreError;
+
+#[derive(Debug)]
+pub struct RecordFile {
+    file: File,
+    payload_len: usize,
+    /// The file's committed records; `None` while the file is empty (an empty map is an error).
+    map: RwLock<Option<Mmap>>,
+}
+
+impl RecordFile {
+    /// Opens (creating if needed) and truncates to `committed` records. Fewer records than
+    /// `committed` means records of acknowledged items are gone: corruption, not recoverable here.
+    pub fn open(path: &Path, payload_len: usize, committed: u32) -> Result<Self, StoreError> {
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let this = Self { file, payload_len, map: RwLock::new(None) };
+        let want = this.offset(committed);
+        let len = this.file.metadata()?.len();
+        if len < want {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds {} bytes, {committed} committed items need {want}",
+                path.display(),
+                len
+            )));
+        }
+        if len > want {
+            // Records of a batch that never committed in sled.
+            this.file.set_len(want)?;
+            this.file.sync_all()?;
+        }
+        this.remap()?;
+        Ok(this)
+    }
+
+    fn record_len(&self) -> u64 {
+        (4 + self.payload_len + 4) as u64
+    }
+
+    fn offset(&self, item: u32) -> u64 {
+        u64::from(item) * self.record_len()
+    }
+
+    fn remap(&self) -> Result<(), StoreError> {
+        let len = self.file.metadata()?.len();
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the file belongs to this process (sled's lock keeps a second process off the
+            // data directory) and is only ever extended while mapped; the map is replaced after
+            // every extension, and the one truncation (in `open`) happens before any map exists.
+            Some(unsafe { Mmap::map(&self.file)? })
+        };
+        *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Writes the records of items `first, first + 1, …` (`count` of them; `payload(i, buf)`
+    /// appends the payload of the i-th) and syncs them to disk.
+    pub fn write_batch(
+        &self,
+        first: u32,
+        count: usize,
+        mut payload: impl FnMut(usize, &mut Vec<u8>),
+    ) -> Result<(), StoreError> {
+        let mut buf = Vec::with_capacity(count * self.record_len() as usize);
+        for i in 0..count {
+            let start = buf.len();
+            buf.extend_from_slice(&(first + i as u32).to_le_bytes());
+            payload(i, &mut buf);
+            debug_assert_eq!(buf.len() - start, 4 + self.payload_len);
+            let crc = crc32fast::hash(&buf[start..]);
+            buf.extend_from_slice(&crc.to_le_bytes());
+        }
+        self.file.write_all_at(&buf, self.offset(first))?;
+        self.file.sync_data()?;
+        self.remap()
+    }
+
+    /// Calls `f` with the payload of `item`'s record, checked against its checksum.
+    pub fn read<R>(&self, item: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R, StoreError> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let start = self.offset(item) as usize;
+        let record = map
+            .as_deref()
+            .and_then(|m| m.get(start..start + self.record_len() as usize))
+            .ok_or_else(|| StoreError::Corrupt(format!("no record of item {item}")))?;
+        Ok(f(check(record, item)?))
+    }
+
+    /// Calls `f(item, payload)` for each of the first `count` records, in order, each checked.
+    pub fn read_all(&self, count: u32, mut f: impl FnMut(u32, &[u8])) -> Result<(), StoreError> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let Some(map) = map.as_deref() else {
+            return if count == 0 { Ok(()) } else { Err(StoreError::Corrupt("no record of item 0".into())) };
+        };
+        let records = map.chunks_exact(self.record_len() as usize);
+        if (records.len() as u64) < u64::from(count) {
+            return Err(StoreError::Corrupt(format!("{} records, {count} expected", records.len())));
+        }
+        for (item, record) in (0..count).zip(records) {
+            f(item, check(record, item)?);
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a record, if its checksum and item number hold.
+fn check(record: &[u8], item: u32) -> Result<&[u8], StoreError> {
+    let (body, crc) = record.split_at(record.len() - 4);
+    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    let found_item = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+    if crc32fast::hash(body) != stored || found_item != item {
+        return Err(StoreError::Corrupt(format!("record of item {item} fails its checksum")));
+    }
+    Ok(&body[4..])
+}
+
+/// Little-endian f32 payloads (embeddings).
+pub fn put_f32s(values: &[f32], buf: &mut Vec<u8>) {
+    values.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+}
+
+pub fn get_f32s(payload: &[u8], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+}
+
+/// Little-endian u64 payloads (sketch words).
+pub fn put_u64s(values: &[u64], buf: &mut Vec<u8>) {
+    values.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+}
+
+pub fn get_u64s(payload: &[u8], out: &mut Vec<u64>) {
+    out.extend(payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_f32s(file: &RecordFile, first: u32, rows: &[&[f32]]) {
+        file.write_batch(first, rows.len(), |i, buf| put_f32s(rows[i], buf)).unwrap();
+    }
+
+    fn read_f32s(file: &RecordFile, item: u32) -> Result<Vec<f32>, StoreError> {
+        let mut out = Vec::new();
+        file.read(item, |p| get_f32s(p, &mut out))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn records_round_trip_and_uncommitted_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.f32");
+        let vf = RecordFile::open(&path, 12, 0).unwrap();
+        assert!(read_f32s(&vf, 0).is_err());
+        let a = [1.0f32, 2.0, 3.0];
+        let b = [-1.0f32, 0.5, f32::MIN_POSITIVE];
+        write_f32s(&vf, 0, &[&a, &b]);
+        assert_eq!(read_f32s(&vf, 1).unwrap(), b);
+        let mut seen = Vec::new();
+        vf.read_all(2, |item, p| seen.push((item, p.len()))).unwrap();
+        assert_eq!(seen, [(0, 12), (1, 12)]);
+        drop(vf);
+        // Only the first item committed: the second record goes.
+        let vf = RecordFile::open(&path, 12, 1).unwrap();
+        assert_eq!(read_f32s(&vf, 0).unwrap(), a);
+        assert!(read_f32s(&vf, 1).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 + 12 + 4);
+    }
+
+    #[test]
+    fn missing_committed_records_are_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.f32");
+        RecordFile::open(&path, 12, 0).unwrap();
+        assert!(matches!(RecordFile::open(&path, 12, 2), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn flipped_byte_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.f32");
+        let vf = RecordFile::open(&path, 8, 0).unwrap();
+        write_f32s(&vf, 0, &[&[1.0, 2.0]]);
+        vf.file.write_all_at(&[0xff], 6).unwrap();
+        assert!(matches!(read_f32s(&vf, 0), Err(StoreError::Corrupt(_))));
+        assert!(matches!(vf.read_all(1, |_, _| ()), Err(StoreError::Corrupt(_))));
+    }
+}
