@@ -232,7 +232,7 @@ def main():
         build = indexed / (time.perf_counter() - t)
         assert indexed == len(base)
 
-        depth = {"votes": 0, "all": 100000}.get(ranking) or int(ranking.removeprefix("sketch"))
+        depth = {"votes": 0, "all": 100000}[ranking] if ranking in ("votes", "all") else int(ranking.removeprefix("sketch"))
 
         def search(v):
             response = stub.Query(pb.QueryRequest(index="q", embedding=pb.Embedding(values=v.tolist()), top_k=10,

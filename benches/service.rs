@@ -1,10 +1,12 @@
 //! Ingest and query through the real gRPC server (the release binary on loopback).
 //!
-//!     cargo bench --bench service                 # 100k vectors, K=8 and K=16
-//!     cargo bench --bench service -- --items 20000 --streams 4
+//!     cargo bench --bench service                 # 100k vectors; K=8 L=10 and K=12 L=16
+//!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
 //!
-//! Prints vectors/s acknowledged (durable), query latency percentiles, bytes on disk per item,
-//! and the time from process start to the first answered query after a restart.
+//! Prints vectors/s acknowledged (durable), query latency percentiles (the default query:
+//! 2 probes, sketch pre-ranking, exact re-ranking), bytes on disk per item, and the time from
+//! process start to the first answered query after a crash (SIGKILL) and after a clean stop
+//! (SIGTERM, which checkpoints the database), with how long that stop took.
 
 mod support;
 use support::dir_bytes;
@@ -20,17 +22,16 @@ use tonic::transport::Channel;
 
 const DIM: usize = 1280;
 const BATCH: usize = 256;
-const TABLES: u32 = 10;
-
 struct Args {
     items: usize,
     queries: usize,
     streams: usize,
-    bits: Vec<u32>,
+    /// (K, L) pairs.
+    shapes: Vec<(u32, u32)>,
 }
 
 fn args() -> Args {
-    let mut a = Args { items: 100_000, queries: 1_000, streams: 1, bits: vec![8, 16] };
+    let mut a = Args { items: 100_000, queries: 1_000, streams: 1, shapes: vec![(8, 10), (12, 16)] };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
@@ -39,7 +40,15 @@ fn args() -> Args {
             "--items" => a.items = value.parse().expect("--items N"),
             "--queries" => a.queries = value.parse().expect("--queries N"),
             "--streams" => a.streams = value.parse().expect("--streams N"),
-            "--bits" => a.bits = value.split(',').map(|b| b.parse().expect("--bits 8,16")).collect(),
+            "--shapes" => {
+                a.shapes = value
+                    .split(',')
+                    .map(|s| {
+                        let (k, l) = s.split_once(':').expect("--shapes K:L,K:L");
+                        (k.parse().expect("K"), l.parse().expect("L"))
+                    })
+                    .collect()
+            }
             _ => {
                 i += 1;
                 continue;
@@ -90,6 +99,13 @@ impl Server {
         let addr = line.trim().rsplit(' ').next().unwrap().to_string();
         Server(child, addr)
     }
+    /// SIGTERM, and waits for the process to exit.
+    fn terminate(mut self) {
+        let pid = self.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM").success());
+        assert!(self.0.wait().expect("wait").success(), "clean exit");
+    }
+
     async fn client(&self) -> ImageIndexClient<Channel> {
         let ch = Channel::from_shared(format!("http://{}", self.1)).unwrap().connect().await.unwrap();
         ImageIndexClient::new(ch).max_encoding_message_size(64 << 20)
@@ -116,7 +132,16 @@ fn query(v: &[f32]) -> QueryRequest {
     }
 }
 
-async fn run(bits: u32, a: &Args, data: &[f32], queries: &[f32]) {
+/// Starts a server on `dir` and answers one query: the time a restart takes to be useful.
+async fn start_and_query(dir: &Path, vector: &[f32]) -> (Server, Duration) {
+    let t = Instant::now();
+    let server = Server::start(dir);
+    server.client().await.query(query(vector)).await.unwrap();
+    let elapsed = t.elapsed();
+    (server, elapsed)
+}
+
+async fn run((bits, tables): (u32, u32), a: &Args, data: &[f32], queries: &[f32]) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let mut client = server.client().await;
@@ -125,7 +150,7 @@ async fn run(bits: u32, a: &Args, data: &[f32], queries: &[f32]) {
             name: "bench".into(),
             dim: DIM as u32,
             hash_bits: bits,
-            tables: TABLES,
+            tables,
             seed: 1,
             ..Default::default()
         })
@@ -185,22 +210,25 @@ async fn run(bits: u32, a: &Args, data: &[f32], queries: &[f32]) {
     drop(server);
     let bytes = dir_bytes(dir.path());
 
-    // Restart: process start to first answered query.
+    // Restart after the crash (SIGKILL above), then after a clean stop (SIGTERM: drain, flush,
+    // checkpoint): process start to first answered query.
+    let (server, after_crash) = start_and_query(dir.path(), &queries[..DIM]).await;
     let t = Instant::now();
-    let server = Server::start(dir.path());
-    let mut client = server.client().await;
-    client.query(query(&queries[..DIM])).await.unwrap();
-    let first_query = t.elapsed();
+    server.terminate();
+    let stop = t.elapsed();
+    let (_server, after_stop) = start_and_query(dir.path(), &queries[..DIM]).await;
 
     println!(
-        "| K={bits:<2} L={TABLES} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>7.0} | {:>6} |",
+        "| K={bits:<2} L={tables:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
         indexed,
         indexed as f64 / ingest.as_secs_f64(),
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         candidates as f64 / latencies.len() as f64,
         bytes as f64 / indexed as f64,
-        first_query.as_millis(),
+        after_crash.as_millis(),
+        stop.as_millis(),
+        after_stop.as_millis(),
     );
 }
 
@@ -212,10 +240,12 @@ fn main() {
         "ingest: {} clustered {DIM}-d vectors in batches of {BATCH} over {} stream(s), durable acks; {} queries top_k=10",
         a.items, a.streams, a.queries
     );
-    println!("| index      | items   | vec/s  | q p50 ms | q p99 ms | cand/query | B/item | restart→1st query ms |");
-    println!("|------------|---------|--------|----------|----------|------------|--------|----------------------|");
+    println!(
+        "| index       | items   | vec/s  | q p50 ms | q p99 ms | cand/query | B/item | crash→1st query ms | clean stop ms | stop→1st query ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for &bits in &a.bits {
-        rt.block_on(run(bits, &a, &data, &queries));
+    for &shape in &a.shapes {
+        rt.block_on(run(shape, &a, &data, &queries));
     }
 }

@@ -89,6 +89,17 @@ impl SledCatalog {
         Ok((before, applied))
     }
 
+    /// Opens and closes the database (which nothing else may hold open) so that sled writes a
+    /// snapshot of its page table. sled 0.34 snapshots only while opening, and its recovery
+    /// replays every log write since the last snapshot: after a long ingest that replay is most of
+    /// a restart (8.9 s at 1M items). Run at a clean shutdown, it moves the cost from the next
+    /// start to this stop.
+    pub fn checkpoint(data_dir: &Path) -> Result<(), StoreError> {
+        let db = sled::Config::new().path(data_dir.join("sled")).open()?;
+        db.flush()?;
+        Ok(())
+    }
+
     /// Removes trees and vector files of indexes that are not in the catalog: left behind by a
     /// crash during create or drop.
     fn collect_garbage(&self) -> Result<(), StoreError> {
@@ -735,6 +746,51 @@ mod tests {
         assert!(matches!(store.upsert(&[item("y", &[1], &[0.0, 0.0])]), Err(StoreError::Dropped(_))));
         assert!(catalog.open("a").unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path().join("vectors")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn checkpoint_needs_the_database_to_itself_and_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.create(&def("a", 2, 1), planes(&[1.0; 16])).unwrap();
+        store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
+        assert!(SledCatalog::checkpoint(dir.path()).is_err(), "sled's lock refuses a second open");
+        drop(store);
+        drop(catalog);
+        SledCatalog::checkpoint(dir.path()).unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.open("a").unwrap().unwrap();
+        assert_eq!(ids_in_bucket(&*store, 0, 3), ["x"]);
+        assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
+    }
+
+    #[test]
+    fn sketches_persist_and_indexes_may_keep_no_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let lean = IndexDef { sketch_bits: 128, stores_vectors: false, ..def("lean", 2, 1) };
+        let sketch_planes = [0.5f32; 2 * 128];
+        {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+            let params = IndexParams { hyperplanes: &[1.0; 16], center: None, sketch_planes: Some(&sketch_planes) };
+            let store = catalog.create(&lean, params).unwrap();
+            let with_sketch = |id: &str, words: [u64; 2]| NewItem { sketch: words.to_vec(), ..item(id, &[1], &[]) };
+            store.upsert(&[with_sketch("a", [1, 2]), with_sketch("b", [3, 4])]).unwrap();
+            store.upsert(&[with_sketch("a", [5, 6])]).unwrap();
+            let wrong = NewItem { sketch: vec![1], ..item("c", &[1], &[]) };
+            assert!(matches!(store.upsert(&[wrong]), Err(StoreError::Corrupt(_))));
+            assert!(matches!(store.vector(0), Err(StoreError::VectorsNotStored(_))));
+        }
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        assert_eq!(catalog.list().unwrap(), vec![lean]);
+        let store = catalog.open("lean").unwrap().unwrap();
+        assert_eq!(store.sketch_planes().unwrap().unwrap(), sketch_planes);
+        let mut words = Vec::new();
+        store.with_sketches(&mut |s| words = s.to_vec());
+        // Items 0 and 1, then a's replacement as item 2; the refused batch left nothing.
+        assert_eq!(words, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(bucket(&*store, 0, 1), [1, 2]);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("vectors")).unwrap().map(|f| f.unwrap().path()).collect();
+        assert!(files.iter().all(|f| f.extension().is_some_and(|x| x == "sketch")), "{files:?}");
     }
 
     #[test]
