@@ -11,10 +11,12 @@ cosine. Every query runs one at a time on one thread. Run it with `scripts/bench
 which makes the virtual environment and builds the release binary; it writes BENCHMARKS.md.
 """
 import argparse
+import atexit
 import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,10 +49,12 @@ class Server:
              "--data-dir", data_dir, *args],
             cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "warn"}, text=True)
         self.addr = self.proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+        atexit.register(self.stop)  # also when the script fails half-way
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(60)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
 
 
 def dir_bytes(path):
@@ -99,6 +103,7 @@ def embed_all(pb, rpc, grpc, images):
         if done % 6400 == 0:
             print(f"  embedded {done}/{len(images)} ({done / (time.time() - started):.0f}/s)", file=sys.stderr)
     server.stop()
+    shutil.rmtree(data, ignore_errors=True)
     out.tofile(cache)
     return out
 
@@ -243,6 +248,7 @@ def main():
         server.stop()
         row("imagelsh (gRPC)", f"K={k} L={l} probes={probes} center={center} {ranking}", r, p, q, build,
             dir_bytes(data_dir) / len(base))
+        shutil.rmtree(data_dir, ignore_errors=True)
 
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("# Search quality benchmark\n\n")

@@ -11,7 +11,10 @@
 /// across queries whatever the size of the index.
 #[derive(Debug, Default)]
 pub struct VoteCounter {
+    /// Indexed by item number; grows by doubling, so only `..end` is ever written.
     votes: Vec<u16>,
+    /// One past the largest item number seen since the counter was created.
+    end: usize,
     /// Items with a vote, in the order first seen (removed ones stay, with 0 votes).
     touched: Vec<u32>,
 }
@@ -31,6 +34,7 @@ impl VoteCounter {
             if i >= self.votes.len() {
                 self.votes.resize((i + 1).max(self.votes.len() * 2), 0);
             }
+            self.end = self.end.max(i + 1);
             let votes = &mut self.votes[i];
             if *votes == 0 {
                 self.touched.push(item);
@@ -71,9 +75,9 @@ impl VoteCounter {
     /// is laid out by item number, and reading it in order lets the prefetcher work.
     pub fn for_each_at_least(&mut self, min_votes: u32, mut f: impl FnMut(u32, u32)) {
         let min_votes = min_votes.max(1);
-        if self.touched.len() * 8 >= self.votes.len() {
+        if self.touched.len() * 8 >= self.end {
             // Dense enough that one pass over the counts beats sorting.
-            for (item, &votes) in self.votes.iter().enumerate() {
+            for (item, &votes) in self.votes[..self.end].iter().enumerate() {
                 if u32::from(votes) >= min_votes {
                     f(item as u32, u32::from(votes));
                 }
@@ -168,16 +172,22 @@ mod tests {
         assert_eq!(counter.contenders(10, 0), vec![(8, 1)]);
     }
 
+    /// A counter fed `buckets`, and the votes a map counts for the same buckets.
+    fn counted(buckets: &[std::collections::BTreeSet<u32>]) -> (VoteCounter, std::collections::BTreeMap<u32, u32>) {
+        let mut counter = VoteCounter::default();
+        let mut reference = std::collections::BTreeMap::new();
+        for b in buckets {
+            let items: Vec<u32> = b.iter().copied().collect();
+            counter.add_bucket(&items);
+            items.iter().for_each(|&i| *reference.entry(i).or_default() += 1);
+        }
+        (counter, reference)
+    }
+
     proptest! {
         #[test]
         fn at_least_lists_items_in_order(buckets in prop::collection::vec(prop::collection::btree_set(0u32..300, 0..100), 1..8), min in 0u32..4) {
-            let mut counter = VoteCounter::default();
-            let mut reference: std::collections::BTreeMap<u32, u32> = Default::default();
-            for b in &buckets {
-                let items: Vec<u32> = b.iter().copied().collect();
-                counter.add_bucket(&items);
-                for i in items { *reference.entry(i).or_default() += 1; }
-            }
+            let (mut counter, reference) = counted(&buckets);
             let expected: Vec<(u32, u32)> = reference.into_iter().filter(|&(_, v)| v >= min.max(1)).collect();
             prop_assert_eq!(counter.at_least(min), expected);
         }
@@ -192,13 +202,7 @@ mod tests {
 
         #[test]
         fn contenders_contain_exact_top_k(buckets in prop::collection::vec(prop::collection::btree_set(0u32..30, 0..15), 1..8), k in 1usize..10) {
-            let mut counter = VoteCounter::default();
-            let mut reference: std::collections::BTreeMap<u32, u32> = Default::default();
-            for b in &buckets {
-                let items: Vec<u32> = b.iter().copied().collect();
-                counter.add_bucket(&items);
-                for i in items { *reference.entry(i).or_default() += 1; }
-            }
+            let (counter, reference) = counted(&buckets);
             // Top k by (votes desc, item asc) from the reference must be within the contenders.
             let mut ranked: Vec<(u32, u32)> = reference.into_iter().collect();
             ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
