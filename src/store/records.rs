@@ -16,20 +16,31 @@ use memmap2::Mmap;
 
 use super::StoreError;
 
+/// How a record file is read after it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Record by record, at random (`read`): kept memory-mapped, remapped after each write.
+    Mapped,
+    /// Only whole, once (`read_all`, at open): no map to keep up to date on every write.
+    Whole,
+}
+
 #[derive(Debug)]
 pub struct RecordFile {
     file: File,
     payload_len: usize,
-    /// The file's committed records; `None` while the file is empty (an empty map is an error).
+    access: Access,
+    /// The file's committed records when `Access::Mapped`; `None` while the file is empty (an
+    /// empty map is an error) or when not mapped.
     map: RwLock<Option<Mmap>>,
 }
 
 impl RecordFile {
     /// Opens (creating if needed) and truncates to `committed` records. Fewer records than
     /// `committed` means records of acknowledged items are gone: corruption, not recoverable here.
-    pub fn open(path: &Path, payload_len: usize, committed: u32) -> Result<Self, StoreError> {
+    pub fn open(path: &Path, payload_len: usize, committed: u32, access: Access) -> Result<Self, StoreError> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        let this = Self { file, payload_len, map: RwLock::new(None) };
+        let this = Self { file, payload_len, access, map: RwLock::new(None) };
         let want = this.offset(committed);
         let len = this.file.metadata()?.len();
         if len < want {
@@ -57,6 +68,9 @@ impl RecordFile {
     }
 
     fn remap(&self) -> Result<(), StoreError> {
+        if self.access != Access::Mapped {
+            return Ok(());
+        }
         let len = self.file.metadata()?.len();
         let map = if len == 0 {
             None
@@ -104,16 +118,14 @@ impl RecordFile {
     }
 
     /// Calls `f(item, payload)` for each of the first `count` records, in order, each checked.
+    /// One read of the whole file.
     pub fn read_all(&self, count: u32, mut f: impl FnMut(u32, &[u8])) -> Result<(), StoreError> {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        let Some(map) = map.as_deref() else {
-            return if count == 0 { Ok(()) } else { Err(StoreError::Corrupt("no record of item 0".into())) };
-        };
-        let records = map.chunks_exact(self.record_len() as usize);
-        if (records.len() as u64) < u64::from(count) {
-            return Err(StoreError::Corrupt(format!("{} records, {count} expected", records.len())));
-        }
-        for (item, record) in (0..count).zip(records) {
+        let mut buf = vec![0u8; self.offset(count) as usize];
+        self.file.read_exact_at(&mut buf, 0).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => StoreError::Corrupt(format!("fewer than {count} records")),
+            _ => e.into(),
+        })?;
+        for (item, record) in (0..count).zip(buf.chunks_exact(self.record_len() as usize)) {
             f(item, check(record, item)?);
         }
         Ok(())
@@ -168,7 +180,7 @@ mod tests {
     fn records_round_trip_and_uncommitted_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        let vf = RecordFile::open(&path, 12, 0).unwrap();
+        let vf = RecordFile::open(&path, 12, 0, Access::Mapped).unwrap();
         assert!(read_f32s(&vf, 0).is_err());
         let a = [1.0f32, 2.0, 3.0];
         let b = [-1.0f32, 0.5, f32::MIN_POSITIVE];
@@ -179,25 +191,38 @@ mod tests {
         assert_eq!(seen, [(0, 12), (1, 12)]);
         drop(vf);
         // Only the first item committed: the second record goes.
-        let vf = RecordFile::open(&path, 12, 1).unwrap();
+        let vf = RecordFile::open(&path, 12, 1, Access::Mapped).unwrap();
         assert_eq!(read_f32s(&vf, 0).unwrap(), a);
         assert!(read_f32s(&vf, 1).is_err());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 + 12 + 4);
     }
 
     #[test]
+    fn whole_files_are_read_back_without_a_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let file = RecordFile::open(&path, 8, 0, Access::Whole).unwrap();
+        file.write_batch(0, 3, |i, buf| put_u64s(&[i as u64 * 7], buf)).unwrap();
+        assert!(file.map.read().unwrap().is_none());
+        let mut words = Vec::new();
+        file.read_all(3, |_, p| get_u64s(p, &mut words)).unwrap();
+        assert_eq!(words, [0, 7, 14]);
+        assert!(matches!(file.read_all(4, |_, _| ()), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
     fn missing_committed_records_are_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        RecordFile::open(&path, 12, 0).unwrap();
-        assert!(matches!(RecordFile::open(&path, 12, 2), Err(StoreError::Corrupt(_))));
+        RecordFile::open(&path, 12, 0, Access::Mapped).unwrap();
+        assert!(matches!(RecordFile::open(&path, 12, 2, Access::Mapped), Err(StoreError::Corrupt(_))));
     }
 
     #[test]
     fn flipped_byte_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        let vf = RecordFile::open(&path, 8, 0).unwrap();
+        let vf = RecordFile::open(&path, 8, 0, Access::Mapped).unwrap();
         write_f32s(&vf, 0, &[&[1.0, 2.0]]);
         vf.file.write_all_at(&[0xff], 6).unwrap();
         assert!(matches!(read_f32s(&vf, 0), Err(StoreError::Corrupt(_))));

@@ -12,7 +12,7 @@ use prost::Message;
 
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
-use super::records::{self, RecordFile};
+use super::records::{self, Access, RecordFile};
 use super::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError, StoredItem};
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
@@ -135,7 +135,10 @@ impl SledCatalog {
         let next = read_u32(&tree, keys::NEXT_ITEM)?;
         let def = def_of(&record);
         let vectors = match def.stores_vectors {
-            true => Some(RecordFile::open(&vector_path(&self.vectors_dir, record.uid), 4 * def.dim as usize, next)?),
+            true => {
+                let path = vector_path(&self.vectors_dir, record.uid);
+                Some(RecordFile::open(&path, 4 * def.dim as usize, next, Access::Mapped)?)
+            }
             false => None,
         };
         let sketches = match def.sketch_bits {
@@ -515,7 +518,8 @@ struct Sketches {
 impl Sketches {
     fn open(path: &Path, bits: u32, committed: u32) -> Result<Self, StoreError> {
         let words_per_item = bits as usize / 64;
-        let file = RecordFile::open(path, 8 * words_per_item, committed)?;
+        // Queries read the in-memory copy; the file is only read back here.
+        let file = RecordFile::open(path, 8 * words_per_item, committed, Access::Whole)?;
         let mut words = Vec::with_capacity(committed as usize * words_per_item);
         file.read_all(committed, |_, payload| records::get_u64s(payload, &mut words))?;
         Ok(Self { file, words_per_item, words: RwLock::new(words) })
