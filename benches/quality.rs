@@ -6,7 +6,9 @@
 //!
 //! RANKING: `votes` (the notebook's), `all` (exact cosine of every candidate), `sketchN`
 //! (candidates pre-ranked by sketch, the N nearest re-ranked exactly), `estimate` (an index that
-//! stores no embeddings: ranked by the sketch's estimated cosine). SKETCH_BITS defaults to 512.
+//! stores no embeddings: ranked by the sketch's estimated cosine), all with the tables plan; and
+//! `scanN` (the full-scan plan: every sketch, the N nearest re-ranked exactly; PROBES then only
+//! decide the votes reported). SKETCH_BITS defaults to 512.
 //! Configurations that share an index (K, L, CENTER, SKETCH_BITS, embeddings kept) reuse it.
 //!
 //! DATA_DIR holds `base.f32` (n × dim), `base_labels.u8`, `queries.f32`, `query_labels.u8`,
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use imagelsh::embed::ModelCard;
-use imagelsh::index::{Engine, IndexSpec, QueryBy, QueryOptions, VectorItem};
+use imagelsh::index::{Engine, IndexSpec, QueryBy, QueryOptions, SearchPlan, VectorItem};
 use imagelsh::store::{SledCatalog, SledOptions};
 
 fn f32s(path: &Path) -> Vec<f32> {
@@ -54,10 +56,11 @@ fn main() {
         let ranking = parts[4];
         let sketch_bits: u32 = parts.get(5).map_or(512, |b| b.parse().unwrap());
         let min_votes: u32 = parts.get(6).map_or(0, |m| m.parse().unwrap());
-        let (rerank, rerank_depth) = match ranking {
-            "votes" => (false, 0),
-            "all" | "estimate" => (true, imagelsh::index::MAX_RERANK_DEPTH),
-            depth => (true, depth.strip_prefix("sketch").expect("ranking").parse().unwrap()),
+        let (rerank, rerank_depth, plan) = match ranking {
+            "votes" => (false, 0, SearchPlan::Tables),
+            "all" | "estimate" => (true, imagelsh::index::MAX_RERANK_DEPTH, SearchPlan::Tables),
+            scan if scan.starts_with("scan") => (true, scan["scan".len()..].parse().unwrap(), SearchPlan::Scan),
+            depth => (true, depth.strip_prefix("sketch").expect("ranking").parse().unwrap(), SearchPlan::Tables),
         };
         let store_vectors = ranking != "estimate";
         let key = format!("{k}:{l}:{}:{sketch_bits}:{store_vectors}", parts[3]);
@@ -111,7 +114,8 @@ fn main() {
         let index = engine.index("q").unwrap();
         let n = base.len() / dim;
 
-        let options = QueryOptions { top_k: 10, min_votes, probes: Some(probes), rerank: Some(rerank), rerank_depth };
+        let options =
+            QueryOptions { top_k: 10, min_votes, probes: Some(probes), rerank: Some(rerank), rerank_depth, plan };
         let (mut found, mut same_class, mut candidates) = (0usize, 0usize, 0u64);
         let nq = queries.len() / dim;
         // Profiling aid: QUALITY_PROFILE_REPEAT=n runs the queries n more times, unmeasured, first.

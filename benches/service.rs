@@ -3,8 +3,10 @@
 //!     cargo bench --bench service                 # 100k vectors; K=8 L=10 and K=12 L=16
 //!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
 //!
-//! Prints vectors/s acknowledged (durable), query latency percentiles (the default query:
-//! 2 probes, sketch pre-ranking, exact re-ranking), bytes on disk per item, and the time from
+//! Prints vectors/s acknowledged (durable), query latency percentiles of the default query
+//! (2 probes, sketch pre-ranking of 200, exact re-ranking) with each search plan (TABLES, SCAN),
+//! how often the two agree on the top 10, which plan the server picks by itself, bytes on disk
+//! per item, and the time from
 //! process start to the first answered query after a clean stop (SIGTERM right after the ingest,
 //! which checkpoints the database; how long that stop took) and after a crash (SIGKILL).
 
@@ -17,7 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imagelsh::proto::image_index_client::ImageIndexClient;
-use imagelsh::proto::{CreateIndexRequest, Embedding, IngestRequest, Item, QueryRequest, item::Content, query_request};
+use imagelsh::proto::{
+    CreateIndexRequest, Embedding, IngestRequest, Item, QueryRequest, SearchPlan, item::Content, query_request,
+};
 use tonic::transport::Channel;
 
 const DIM: usize = 1280;
@@ -132,6 +136,29 @@ fn query(v: &[f32]) -> QueryRequest {
     }
 }
 
+/// Latencies (sorted), the hits' ids and candidates per query of every query with `plan`.
+struct PlanRun {
+    latencies: Vec<Duration>,
+    hits: Vec<Vec<String>>,
+    candidates: f64,
+    plans: std::collections::BTreeSet<&'static str>,
+}
+
+async fn run_queries(client: &mut ImageIndexClient<Channel>, queries: &[f32], plan: SearchPlan) -> PlanRun {
+    let mut run = PlanRun { latencies: Vec::new(), hits: Vec::new(), candidates: 0.0, plans: Default::default() };
+    for q in queries.chunks(DIM) {
+        let t = Instant::now();
+        let r = client.query(QueryRequest { plan: plan.into(), ..query(q) }).await.unwrap().into_inner();
+        run.latencies.push(t.elapsed());
+        run.candidates += f64::from(r.candidates);
+        run.plans.insert(r.plan().as_str_name().trim_start_matches("SEARCH_PLAN_"));
+        run.hits.push(r.hits.into_iter().map(|h| h.id).collect());
+    }
+    run.latencies.sort();
+    run.candidates /= run.hits.len() as f64;
+    run
+}
+
 /// Starts a server on `dir` and answers one query: the time a restart takes to be useful.
 async fn start_and_query(dir: &Path, vector: &[f32]) -> (Server, Duration) {
     let t = Instant::now();
@@ -141,7 +168,7 @@ async fn start_and_query(dir: &Path, vector: &[f32]) -> (Server, Duration) {
     (server, elapsed)
 }
 
-async fn run((bits, tables): (u32, u32), a: &Args, data: &[f32], queries: &[f32]) {
+async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: &[f32]) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let mut client = server.client().await;
@@ -150,7 +177,7 @@ async fn run((bits, tables): (u32, u32), a: &Args, data: &[f32], queries: &[f32]
             name: "bench".into(),
             dim: DIM as u32,
             hash_bits: bits,
-            tables,
+            tables: tables_count,
             seed: 1,
             ..Default::default()
         })
@@ -197,15 +224,12 @@ async fn run((bits, tables): (u32, u32), a: &Args, data: &[f32], queries: &[f32]
     let ingest = start.elapsed();
     assert_eq!(indexed, rows.len());
 
-    let mut latencies = Vec::with_capacity(a.queries);
-    let mut candidates = 0u64;
-    for q in queries.chunks(DIM) {
-        let t = Instant::now();
-        let r = client.query(query(q)).await.unwrap().into_inner();
-        latencies.push(t.elapsed());
-        candidates += u64::from(r.candidates);
-    }
-    latencies.sort();
+    let tables = run_queries(&mut client, queries, SearchPlan::Tables).await;
+    let scan = run_queries(&mut client, queries, SearchPlan::Scan).await;
+    let auto = run_queries(&mut client, &queries[..queries.len().min(DIM * 10)], SearchPlan::Auto).await;
+    let shared: usize =
+        tables.hits.iter().zip(&scan.hits).map(|(t, s)| t.iter().filter(|id| s.contains(id)).count()).sum();
+    let agreement = shared as f64 / tables.hits.iter().map(Vec::len).sum::<usize>().max(1) as f64;
     drop(client);
     let bytes = dir_bytes(dir.path());
 
@@ -218,13 +242,18 @@ async fn run((bits, tables): (u32, u32), a: &Args, data: &[f32], queries: &[f32]
     drop(server);
     let (_server, after_crash) = start_and_query(dir.path(), &queries[..DIM]).await;
 
+    let ms = |run: &PlanRun, p| percentile(&run.latencies, p).as_secs_f64() * 1e3;
     println!(
-        "| K={bits:<2} L={tables:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
+        "| K={bits:<2} L={tables_count:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>6.2} | {:>6.2} | {:>5.3} | {:>6} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
         indexed,
         indexed as f64 / ingest.as_secs_f64(),
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        candidates as f64 / latencies.len() as f64,
+        ms(&tables, 0.5),
+        ms(&tables, 0.99),
+        tables.candidates,
+        ms(&scan, 0.5),
+        ms(&scan, 0.99),
+        agreement,
+        auto.plans.iter().copied().collect::<Vec<_>>().join("+"),
         bytes as f64 / indexed as f64,
         stop.as_millis(),
         after_stop.as_millis(),
@@ -241,9 +270,9 @@ fn main() {
         a.items, a.streams, a.queries
     );
     println!(
-        "| index       | items   | vec/s  | q p50 ms | q p99 ms | cand/query | B/item | clean stop ms | then start→1st query ms | crash, start→1st query ms |"
+        "| index | items | vec/s | TABLES p50 ms | TABLES p99 ms | cand/query | SCAN p50 ms | SCAN p99 ms | top-10 agreement | default plan | B/item | clean stop ms | then start→1st query ms | crash, start→1st query ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Runtime::new().unwrap();
     for &shape in &a.shapes {
         rt.block_on(run(shape, &a, &data, &queries));

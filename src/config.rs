@@ -60,6 +60,12 @@ pub struct ServeConfig {
     /// it saves the start.
     #[arg(long, env = "IMAGELSH_CHECKPOINT_ON_SHUTDOWN", default_value_t = true, action = ArgAction::Set)]
     pub checkpoint_on_shutdown: bool,
+
+    /// Indexes whose sketches take at most this many KiB answer default (AUTO) queries by
+    /// scanning every sketch instead of reading bucket tables (0: never). Measured crossover:
+    /// BENCHMARKS.md.
+    #[arg(long, env = "IMAGELSH_FULL_SCAN_THRESHOLD_KB", default_value_t = crate::index::DEFAULT_FULL_SCAN_THRESHOLD_BYTES / 1024)]
+    pub full_scan_threshold_kb: u64,
 }
 
 #[derive(Debug, Clone, Args)]

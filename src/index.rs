@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use ndarray::Array2;
 
 use crate::lsh::{
-    Hyperplanes, LshError, LshShape, VoteCounter, cosine, draw_sketch_planes, estimated_cosine, hamming, probe_codes,
-    sketch_shape,
+    Hyperplanes, LshError, LshShape, VoteCounter, cosine, draw_sketch_planes, estimated_cosine, hamming,
+    nearest_sketches, probe_codes, sketch_shape,
 };
 use crate::store::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError};
 
@@ -31,6 +31,9 @@ pub const MAX_ID_BYTES: usize = 1024;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Extra buckets per table a query may visit.
 pub const MAX_PROBES: u32 = 1024;
+/// Largest index (in bytes of sketches) that `SearchPlan::Auto` answers by scanning every
+/// sketch rather than reading its tables' buckets; see `Engine::with_full_scan_threshold`.
+pub const DEFAULT_FULL_SCAN_THRESHOLD_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -116,6 +119,21 @@ pub enum QueryBy {
     Id(String),
 }
 
+/// How a query finds its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SearchPlan {
+    /// `Scan` when the query ranks by similarity with no `min_votes` and the index's sketches
+    /// fit the engine's full-scan threshold; `Tables` otherwise.
+    #[default]
+    Auto,
+    /// The items in the query's buckets (and probed ones) of every table.
+    Tables,
+    /// Every live item, by sketch distance: at small sizes a sequential scan of the sketches
+    /// costs less than reading buckets that hold a large share of the index anyway. Votes are
+    /// then counted for the hits alone, from their stored codes, and may be 0.
+    Scan,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct QueryOptions {
     /// 0 means `DEFAULT_TOP_K`.
@@ -129,6 +147,7 @@ pub struct QueryOptions {
     pub rerank: Option<bool>,
     /// 0 means `DEFAULT_RERANK_DEPTH`; never fewer than `top_k`.
     pub rerank_depth: u32,
+    pub plan: SearchPlan,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,7 +164,10 @@ pub struct Hit {
 #[derive(Debug, Default)]
 pub struct QueryResult {
     pub hits: Vec<Hit>,
+    /// Items that collided with the query (`Tables`), or live items scanned (`Scan`).
     pub candidates: u32,
+    /// The plan that ran: `Tables` or `Scan`.
+    pub plan: SearchPlan,
 }
 
 /// All indexes of one data directory.
@@ -153,12 +175,25 @@ pub struct Engine {
     catalog: Arc<dyn Catalog>,
     open: Mutex<HashMap<String, Arc<Index>>>,
     default_dim: u32,
+    full_scan_threshold: u64,
 }
 
 impl Engine {
     /// `default_dim` is the dimension a create with `dim = 0` gets (the default model's).
     pub fn new(catalog: Arc<dyn Catalog>, default_dim: u32) -> Self {
-        Self { catalog, open: Mutex::new(HashMap::new()), default_dim }
+        Self {
+            catalog,
+            open: Mutex::new(HashMap::new()),
+            default_dim,
+            full_scan_threshold: DEFAULT_FULL_SCAN_THRESHOLD_BYTES,
+        }
+    }
+
+    /// Indexes whose sketches take at most `bytes` answer `SearchPlan::Auto` queries by a full
+    /// scan (0: never). Set before any index is opened.
+    pub fn with_full_scan_threshold(mut self, bytes: u64) -> Self {
+        self.full_scan_threshold = bytes;
+        self
     }
 
     fn open_indexes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Index>>> {
@@ -197,7 +232,8 @@ impl Engine {
             sketch_planes: Some(&sketch.to_row_major()),
         };
         let store = self.catalog.create(&def, params)?;
-        let index = Arc::new(Index { store, planes, sketch: Some(sketch) });
+        let index =
+            Arc::new(Index { store, planes, sketch: Some(sketch), full_scan_threshold: self.full_scan_threshold });
         open.insert(spec.name, index.clone());
         index.info()
     }
@@ -225,7 +261,7 @@ impl Engine {
             planes = planes.with_center(&center).map_err(corrupt)?;
             sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
         }
-        let index = Arc::new(Index { store, planes, sketch });
+        let index = Arc::new(Index { store, planes, sketch, full_scan_threshold: self.full_scan_threshold });
         open.insert(name.to_string(), index.clone());
         Ok(index)
     }
@@ -267,6 +303,8 @@ pub struct Index {
     planes: Hyperplanes,
     /// Sketch hyperplanes; `None` for indexes written before layout 3.
     sketch: Option<Hyperplanes>,
+    /// Bytes of sketches up to which `SearchPlan::Auto` scans.
+    full_scan_threshold: u64,
 }
 
 thread_local! {
@@ -409,34 +447,104 @@ impl Index {
                 (self.store.vector(number)?, Some(number))
             }
         };
+        let rerank = options.rerank.unwrap_or(true);
+        let depth = (if options.rerank_depth == 0 { DEFAULT_RERANK_DEPTH } else { options.rerank_depth }) as usize;
+        if self.plan(options.plan, rerank, options.min_votes)? == SearchPlan::Scan {
+            return self.scan(&vector, exclude, probes, top_k, depth.max(top_k));
+        }
         VOTES.with_borrow_mut(|votes| {
             votes.clear();
             self.gather_votes(&vector, probes, votes)?;
             if let Some(number) = exclude {
                 votes.remove(number);
             }
-            let ranked = if options.rerank.unwrap_or(true) {
-                let depth =
-                    (if options.rerank_depth == 0 { DEFAULT_RERANK_DEPTH } else { options.rerank_depth }) as usize;
+            let ranked = if rerank {
                 self.rank_by_similarity(&vector, &mut *votes, options.min_votes, top_k, depth.max(top_k))?
             } else {
                 Self::rank_by_votes(votes, options.min_votes, top_k)
             };
-            Ok(QueryResult { hits: self.hits(ranked, top_k)?, candidates: votes.candidates() as u32 })
+            let candidates = votes.candidates() as u32;
+            Ok(QueryResult { hits: self.hits(ranked, top_k, None)?, candidates, plan: SearchPlan::Tables })
         })
+    }
+
+    /// The plan a query runs: `Tables` or `Scan`.
+    fn plan(&self, asked: SearchPlan, rerank: bool, min_votes: u32) -> Result<SearchPlan, IndexError> {
+        // A scan ranks by similarity and counts votes for the hits alone: it cannot rank by
+        // votes or filter by them.
+        let scannable = rerank && min_votes == 0 && self.sketch.is_some();
+        match asked {
+            SearchPlan::Tables => Ok(SearchPlan::Tables),
+            SearchPlan::Scan if scannable => Ok(SearchPlan::Scan),
+            SearchPlan::Scan => Err(IndexError::InvalidArgument(match self.sketch {
+                None => format!("index {:?} keeps no sketches (layout < 3): it cannot be scanned", self.def().name),
+                Some(_) => "a scan ranks by similarity: it needs rerank and no min_votes".into(),
+            })),
+            SearchPlan::Auto => {
+                let mut bytes = 0;
+                self.store.with_sketches(&mut |view| bytes = 8 * view.words.len() as u64);
+                Ok(if scannable && bytes <= self.full_scan_threshold { SearchPlan::Scan } else { SearchPlan::Tables })
+            }
+        }
+    }
+
+    /// The `SearchPlan::Scan` query: every live item's sketch against the query's, the `depth`
+    /// nearest re-ranked exactly (or by estimate without embeddings), votes for the hits.
+    fn scan(
+        &self,
+        vector: &[f32],
+        exclude: Option<u32>,
+        probes: u32,
+        top_k: usize,
+        depth: usize,
+    ) -> Result<QueryResult, IndexError> {
+        let sketch = self.sketch.as_ref().ok_or_else(|| IndexError::InvalidArgument("no sketches to scan".into()))?;
+        let query_sketch = sketch.codes_of(sketch.project_one(vector)?.view());
+        let query_sketch = query_sketch.row(0).to_vec();
+        let bits = self.def().sketch_bits;
+        let keep = if self.def().stores_vectors { depth } else { top_k };
+        let (mut nearest, mut scanned) = (Vec::new(), 0u32);
+        self.store.with_sketches(&mut |view| {
+            nearest = nearest_sketches(&query_sketch, view.words, view.live, exclude, keep);
+            scanned = view.live.iter().map(|w| w.count_ones()).sum();
+        });
+        let ranked = if self.def().stores_vectors {
+            let numbers: Vec<(u32, u32)> = nearest.iter().map(|&(n, _)| (n, 0)).collect();
+            self.exact(vector, &numbers)?
+        } else {
+            nearest
+                .into_iter()
+                .map(|(number, d)| Ranked { number, votes: 0, similarity: estimated_cosine(d, bits) })
+                .collect()
+        };
+        let probed = self.probed_codes(vector, probes)?;
+        let hits = self.hits(best_first(ranked, top_k), top_k, Some(&probed))?;
+        Ok(QueryResult { hits, candidates: scanned, plan: SearchPlan::Scan })
+    }
+
+    /// The codes a query visits in each table: its own, then `probes` more, nearest first.
+    fn probed_codes(&self, vector: &[f32], probes: u32) -> Result<Vec<Vec<u64>>, IndexError> {
+        let projections = self.planes.project_one(vector)?;
+        let codes = self.planes.codes_of(projections.view());
+        let k = self.def().hash_bits as usize;
+        let probed = codes
+            .row(0)
+            .iter()
+            .enumerate()
+            .map(|(table, &code)| {
+                let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
+                std::iter::once(code).chain(probe_codes(&table_projections, code, probes as usize)).collect()
+            })
+            .collect();
+        Ok(probed)
     }
 
     /// Adds the buckets of the query's codes, and `probes` more per table, to `votes`.
     fn gather_votes(&self, vector: &[f32], probes: u32, votes: &mut VoteCounter) -> Result<(), IndexError> {
-        let projections = self.planes.project_one(vector)?;
-        let codes = self.planes.codes_of(projections.view());
-        let k = self.def().hash_bits as usize;
         let mut bucket = Vec::new();
-        for (table, &code) in codes.row(0).iter().enumerate() {
-            let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
-            let probes = probe_codes(&table_projections, code, probes as usize);
+        for (table, codes) in self.probed_codes(vector, probes)?.into_iter().enumerate() {
             // An item is in one bucket per table, so visiting several counts it at most once.
-            for code in std::iter::once(code).chain(probes) {
+            for code in codes {
                 bucket.clear();
                 self.store.bucket(table as u16, code, &mut bucket)?;
                 votes.add_bucket(&bucket);
@@ -480,7 +588,8 @@ impl Index {
         let bits = self.def().sketch_bits;
         let words = query_sketch.len();
         let mut by_distance: Vec<(u32, u32, u32)> = Vec::new();
-        self.store.with_sketches(&mut |sketches| {
+        self.store.with_sketches(&mut |view| {
+            let sketches = view.words;
             votes.for_each_at_least(min_votes, |number, votes| {
                 let start = number as usize * words;
                 // An item without a sketch (not expected) ranks last rather than failing the query.
@@ -513,8 +622,9 @@ impl Index {
         Ok(ranked)
     }
 
-    /// Hits for ranked candidates, in rank order; equal scores are ordered by id.
-    fn hits(&self, ranked: Vec<Ranked>, top_k: usize) -> Result<Vec<Hit>, IndexError> {
+    /// Hits for ranked candidates, in rank order; equal scores are ordered by id. With `probed`
+    /// (the codes the query visits in each table), votes are counted from the items' codes.
+    fn hits(&self, ranked: Vec<Ranked>, top_k: usize, probed: Option<&[Vec<u64>]>) -> Result<Vec<Hit>, IndexError> {
         let numbers: Vec<u32> = ranked.iter().map(|r| r.number).collect();
         let by_number: HashMap<u32, Ranked> = ranked.iter().map(|r| (r.number, *r)).collect();
         let tables = self.def().tables as f32;
@@ -523,7 +633,11 @@ impl Index {
             .items(&numbers)?
             .into_iter()
             .map(|item| {
-                let r = by_number[&item.number];
+                let mut r = by_number[&item.number];
+                if let Some(probed) = probed {
+                    r.votes =
+                        item.codes.iter().zip(probed).filter(|(code, visited)| visited.contains(code)).count() as u32;
+                }
                 Hit {
                     id: item.id,
                     label: item.label,
@@ -597,6 +711,14 @@ mod tests {
 
     fn vec_item(id: &str, v: &[f32]) -> VectorItem {
         VectorItem { id: id.into(), vector: v.to_vec(), ..Default::default() }
+    }
+
+    fn tables() -> QueryOptions {
+        QueryOptions { plan: SearchPlan::Tables, ..Default::default() }
+    }
+
+    fn scan() -> QueryOptions {
+        QueryOptions { plan: SearchPlan::Scan, ..Default::default() }
     }
 
     #[test]
@@ -709,12 +831,10 @@ mod tests {
             .collect();
         index.ingest(items).unwrap();
         let q = vec![0.4, 0.5, 0.3, -0.2];
-        let plain = index
-            .query(QueryBy::Vector(q.clone()), &QueryOptions { top_k: 200, probes: Some(0), ..Default::default() })
-            .unwrap();
-        let probed = index
-            .query(QueryBy::Vector(q), &QueryOptions { top_k: 200, probes: Some(8), ..Default::default() })
-            .unwrap();
+        let plain =
+            index.query(QueryBy::Vector(q.clone()), &QueryOptions { top_k: 200, probes: Some(0), ..tables() }).unwrap();
+        let probed =
+            index.query(QueryBy::Vector(q), &QueryOptions { top_k: 200, probes: Some(8), ..tables() }).unwrap();
         assert!(probed.candidates > plain.candidates, "{} vs {}", probed.candidates, plain.candidates);
         assert!(probed.hits.iter().all(|h| h.votes <= 4));
     }
@@ -770,10 +890,10 @@ mod tests {
         let items = spread(400, 4);
         let query = items[17].1.vector.clone();
         index.ingest(items).unwrap();
-        let all = QueryOptions { top_k: 5, rerank_depth: MAX_RERANK_DEPTH, ..Default::default() };
+        let all = QueryOptions { top_k: 5, rerank_depth: MAX_RERANK_DEPTH, ..tables() };
         let exact = index.query(QueryBy::Vector(query.clone()), &all).unwrap();
         // The item itself is at sketch distance 0: always within any depth, always first.
-        let shallow = QueryOptions { top_k: 5, rerank_depth: 5, ..Default::default() };
+        let shallow = QueryOptions { top_k: 5, rerank_depth: 5, ..tables() };
         let cheap = index.query(QueryBy::Vector(query), &shallow).unwrap();
         assert_eq!((exact.hits[0].id.as_str(), cheap.hits[0].id.as_str()), ("i17", "i17"));
         assert!((cheap.hits[0].similarity - 1.0).abs() < 1e-5);
@@ -784,6 +904,101 @@ mod tests {
                 assert_eq!(same.similarity, hit.similarity);
             }
         }
+    }
+
+    /// The exact top `k` of the live items by cosine, leaving out `skip`.
+    fn brute_force<'a>(live: &'a HashMap<String, Vec<f32>>, query: &[f32], k: usize, skip: &str) -> Vec<&'a str> {
+        let mut all: Vec<(f32, &str)> =
+            live.iter().filter(|(id, _)| *id != skip).map(|(id, v)| (cosine(query, v), id.as_str())).collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        all.into_iter().take(k).map(|(_, id)| id).collect()
+    }
+
+    #[test]
+    fn scan_finds_the_exact_top_k_of_live_items_with_table_votes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dim = 8;
+        let mut live: HashMap<String, Vec<f32>> = HashMap::new();
+        let query = {
+            let e = engine(dir.path());
+            e.create(IndexSpec { name: "a".into(), dim, hash_bits: 6, tables: 6, seed: 4, ..Default::default() })
+                .unwrap();
+            let index = e.index("a").unwrap();
+            let items = spread(300, dim as usize);
+            live.extend(items.iter().map(|(_, it)| (it.id.clone(), it.vector.clone())));
+            let query = items[40].1.vector.clone();
+            index.ingest(items).unwrap();
+            // Replace the query's twin and nine more; delete ten: their old records must not surface.
+            let replaced: Vec<(u32, VectorItem)> = (40..50)
+                .map(|i| (0, vec_item(&format!("i{i}"), &query.iter().map(|x| -x - i as f32).collect::<Vec<_>>())))
+                .collect();
+            live.extend(replaced.iter().map(|(_, it)| (it.id.clone(), it.vector.clone())));
+            index.ingest(replaced).unwrap();
+            let deleted: Vec<String> = (50..60).map(|i| format!("i{i}")).collect();
+            assert_eq!(index.delete(&deleted).unwrap(), 10);
+            deleted.iter().for_each(|id| drop(live.remove(id)));
+            query
+        };
+        // After a reopen, liveness comes back from the buckets.
+        let e = engine(dir.path());
+        let index = e.index("a").unwrap();
+        let exhaustive = QueryOptions { top_k: 10, rerank_depth: MAX_RERANK_DEPTH, ..scan() };
+        let result = index.query(QueryBy::Vector(query.clone()), &exhaustive).unwrap();
+        assert_eq!((result.plan, result.candidates), (SearchPlan::Scan, 290));
+        let ids: Vec<&str> = result.hits.iter().map(|h| h.id.as_str()).collect();
+        assert_eq!(ids, brute_force(&live, &query, 10, ""));
+        // Votes are the tables plan's for the same items.
+        let by_tables = QueryOptions { probes: Some(3), ..exhaustive.clone() };
+        let scanned = index
+            .query(QueryBy::Vector(query.clone()), &QueryOptions { plan: SearchPlan::Scan, ..by_tables.clone() })
+            .unwrap();
+        let tabled = index
+            .query(QueryBy::Vector(query.clone()), &QueryOptions { plan: SearchPlan::Tables, ..by_tables })
+            .unwrap();
+        assert_eq!(tabled.plan, SearchPlan::Tables);
+        for hit in &tabled.hits {
+            if let Some(same) = scanned.hits.iter().find(|h| h.id == hit.id) {
+                assert_eq!(
+                    (same.votes, same.score, same.similarity),
+                    (hit.votes, hit.score, hit.similarity),
+                    "{}",
+                    hit.id
+                );
+            }
+        }
+        // By id: the item itself is left out.
+        let by_id = index.query(QueryBy::Id("i7".into()), &exhaustive).unwrap();
+        assert_eq!(
+            by_id.hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            brute_force(&live, &live["i7"], 10, "i7")
+        );
+    }
+
+    #[test]
+    fn auto_scans_small_indexes_when_the_query_allows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog =
+            Arc::new(SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap());
+        let e = Engine::new(catalog.clone(), 4);
+        e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 4, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        index.ingest(spread(50, 4)).unwrap();
+        let q = || QueryBy::Vector(vec![0.5, 0.1, 0.2, 0.3]);
+        let plan_of = |o: &QueryOptions| index.query(q(), o).unwrap().plan;
+        assert_eq!(plan_of(&QueryOptions::default()), SearchPlan::Scan);
+        assert_eq!(plan_of(&QueryOptions { min_votes: 1, ..Default::default() }), SearchPlan::Tables);
+        assert_eq!(plan_of(&QueryOptions { rerank: Some(false), ..Default::default() }), SearchPlan::Tables);
+        assert_eq!(plan_of(&tables()), SearchPlan::Tables);
+        for refused in [QueryOptions { min_votes: 1, ..scan() }, QueryOptions { rerank: Some(false), ..scan() }] {
+            assert!(matches!(index.query(q(), &refused), Err(IndexError::InvalidArgument(_))), "{refused:?}");
+        }
+        // Over the threshold (here: any sketches at all), AUTO reads the tables.
+        drop(index);
+        drop(e);
+        let e = Engine::new(catalog, 4).with_full_scan_threshold(0);
+        let index = e.index("a").unwrap();
+        assert_eq!(index.query(q(), &QueryOptions::default()).unwrap().plan, SearchPlan::Tables);
+        assert_eq!(index.query(q(), &scan()).unwrap().plan, SearchPlan::Scan);
     }
 
     #[test]

@@ -99,7 +99,9 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
     };
     let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
-    let engine = Arc::new(Engine::new(Arc::new(catalog), default_dim));
+    let engine = Arc::new(
+        Engine::new(Arc::new(catalog), default_dim).with_full_scan_threshold(config.full_scan_threshold_kb * 1024),
+    );
 
     let listener =
         TcpListener::bind(&config.listen).await.with_context(|| format!("listening on {}", config.listen))?;

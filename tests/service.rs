@@ -122,11 +122,26 @@ async fn batches_over_one_stream_are_acked_in_order_and_queryable() {
     );
     assert_eq!((result.hits[0].id.as_str(), result.hits[0].votes, result.hits[0].score), ("v7", 8, 1.0));
     assert!((result.hits[0].similarity - 1.0).abs() < 1e-5);
-    assert!(result.candidates >= 20);
+    // A small index is scanned whole by default; the tables plan finds the same nearest items.
+    assert_eq!((result.plan(), result.candidates), (proto::SearchPlan::Scan, 600));
     assert!(result.hits.windows(2).all(|p| p[0].similarity >= p[1].similarity), "similarity descending");
+    let tables = proto::QueryRequest { plan: proto::SearchPlan::Tables.into(), ..query_vector("img", &vectors[7], 20) };
+    let by_tables = client.query(tables).await.unwrap().into_inner();
+    assert_eq!(by_tables.plan(), proto::SearchPlan::Tables);
+    assert!(by_tables.candidates >= 20 && by_tables.candidates < 600, "{}", by_tables.candidates);
+    assert_eq!(by_tables.hits[..5], result.hits[..5]);
+    let unknown = proto::QueryRequest { plan: 7, ..query_vector("img", &vectors[7], 20) };
+    assert_eq!(client.query(unknown).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let scan_by_votes = proto::QueryRequest {
+        plan: proto::SearchPlan::Scan.into(),
+        min_votes: 2,
+        ..query_vector("img", &vectors[7], 20)
+    };
+    assert_eq!(client.query(scan_by_votes).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     // Ranked by votes alone (the notebook's ranking).
     let by_votes = proto::QueryRequest { rerank: Some(false), ..query_vector("img", &vectors[7], 20) };
     let result = client.query(by_votes).await.unwrap().into_inner();
+    assert_eq!(result.plan(), proto::SearchPlan::Tables);
     assert!(result.hits.iter().all(|h| h.label == "c1" && h.similarity == 0.0));
     assert_eq!(result.hits[0].votes, 8);
     for pair in result.hits.windows(2) {

@@ -1,6 +1,6 @@
 //! Wire messages ⇄ domain types.
 
-use crate::index::{Hit, IndexInfo, ItemFailure};
+use crate::index::{Hit, IndexInfo, ItemFailure, SearchPlan};
 use crate::proto;
 
 impl From<IndexInfo> for proto::IndexInfo {
@@ -37,5 +37,25 @@ impl From<Hit> for proto::Hit {
 impl From<ItemFailure> for proto::ItemError {
     fn from(f: ItemFailure) -> Self {
         proto::ItemError { position: f.position, id: f.id, message: f.message }
+    }
+}
+
+impl From<proto::SearchPlan> for SearchPlan {
+    fn from(plan: proto::SearchPlan) -> Self {
+        match plan {
+            proto::SearchPlan::Auto => SearchPlan::Auto,
+            proto::SearchPlan::Tables => SearchPlan::Tables,
+            proto::SearchPlan::Scan => SearchPlan::Scan,
+        }
+    }
+}
+
+impl From<SearchPlan> for proto::SearchPlan {
+    fn from(plan: SearchPlan) -> Self {
+        match plan {
+            SearchPlan::Auto => proto::SearchPlan::Auto,
+            SearchPlan::Tables => proto::SearchPlan::Tables,
+            SearchPlan::Scan => proto::SearchPlan::Scan,
+        }
     }
 }

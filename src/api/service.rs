@@ -254,6 +254,8 @@ impl ImageIndex for ImageIndexService {
 
     async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<proto::QueryResponse>, Status> {
         let r = request.into_inner();
+        let plan = proto::SearchPlan::try_from(r.plan)
+            .map_err(|_| Status::invalid_argument(format!("unknown search plan {}", r.plan)))?;
         let index = self.index(r.index).await?;
         let by = match r.query {
             Some(query_request::Query::Embedding(e)) => QueryBy::Vector(e.values),
@@ -275,11 +277,13 @@ impl ImageIndex for ImageIndexService {
             probes: r.probes,
             rerank: r.rerank,
             rerank_depth: r.rerank_depth,
+            plan: plan.into(),
         };
         let result = blocking(move || index.query(by, &options)).await?;
         Ok(Response::new(proto::QueryResponse {
             hits: result.hits.into_iter().map(Into::into).collect(),
             candidates: result.candidates,
+            plan: proto::SearchPlan::from(result.plan).into(),
         }))
     }
 

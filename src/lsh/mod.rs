@@ -9,7 +9,9 @@ mod sketch;
 mod votes;
 
 pub use probe::probe_codes;
-pub use sketch::{MAX_SKETCH_BITS, WORD_BITS, draw_sketch_planes, estimated_cosine, hamming, sketch_shape};
+pub use sketch::{
+    MAX_SKETCH_BITS, WORD_BITS, draw_sketch_planes, estimated_cosine, hamming, nearest_sketches, sketch_shape,
+};
 pub use votes::{VoteCounter, vote_threshold};
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis};
@@ -155,11 +157,7 @@ impl Hyperplanes {
             Some(offset) => offset.iter().map(|c| -c).collect(),
             None => vec![0f32; planes],
         };
-        for (&x, row) in vector.iter().zip(matrix.chunks_exact(planes)) {
-            if x != 0.0 {
-                out.iter_mut().zip(row).for_each(|(o, m)| *o += x * m);
-            }
-        }
+        accumulate_rows(&mut out, vector, matrix);
         Array2::from_shape_vec((1, planes), out).map_err(|_| LshError::Dim)
     }
 
@@ -195,6 +193,33 @@ pub fn table_code(projections: ArrayView1<'_, f32>, table: usize, hash_bits: u32
 }
 
 /// Cosine similarity; 0 when either vector is zero.
+/// `out += Σ_i vector[i] · row_i` over the rows of `matrix` (row-major, `out.len()` wide),
+/// skipping zero features (common after a ReLU). A query's projection is this loop: a
+/// one-row matrix product would pack the whole matrix first.
+fn accumulate_rows(out: &mut [f32], vector: &[f32], matrix: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+        return unsafe { accumulate_rows_avx2(out, vector, matrix) };
+    }
+    accumulate_rows_portable(out, vector, matrix);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn accumulate_rows_avx2(out: &mut [f32], vector: &[f32], matrix: &[f32]) {
+    accumulate_rows_portable(out, vector, matrix);
+}
+
+#[inline(always)]
+fn accumulate_rows_portable(out: &mut [f32], vector: &[f32], matrix: &[f32]) {
+    for (&x, row) in vector.iter().zip(matrix.chunks_exact(out.len())) {
+        if x != 0.0 {
+            out.iter_mut().zip(row).for_each(|(o, m)| *o += x * m);
+        }
+    }
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     // Re-ranking is this loop. The x86-64 baseline stops at SSE2; with AVX2 and FMA (checked at
     // run time) the same code runs on 8-lane registers.

@@ -24,6 +24,12 @@ pub const OPEN_CHUNK: u32 = u32::MAX;
 const ITEM: u8 = b'I';
 const ID: u8 = b'K';
 
+/// `B ‖ table`: the prefix shared by all buckets of one table.
+pub fn table_prefix(table: u16) -> [u8; 3] {
+    let [hi, lo] = table.to_be_bytes();
+    [BUCKET, hi, lo]
+}
+
 /// `B ‖ table ‖ code`: the prefix shared by all chunks of one bucket.
 pub fn bucket_prefix(table: u16, code: u64) -> [u8; 11] {
     let mut key = [0u8; 11];
@@ -115,6 +121,7 @@ mod tests {
             let key = bucket_chunk(table, code, chunk);
             prop_assert_eq!(parse_bucket_chunk(&key), Some((table, code, chunk)));
             prop_assert!(key.starts_with(&bucket_prefix(table, code)));
+            prop_assert!(key.starts_with(&table_prefix(table)));
         }
 
         #[test]

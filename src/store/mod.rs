@@ -85,6 +85,18 @@ pub struct StoredItem {
     pub id: String,
     pub label: String,
     pub metadata: HashMap<String, String>,
+    /// The item's code in each table.
+    pub codes: Vec<u64>,
+}
+
+/// Every item's sketch, as the store holds them in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct SketchView<'a> {
+    /// Item `n`'s sketch at words `n × w .. (n + 1) × w`; records of items deleted or replaced
+    /// stay (their numbers are not reused).
+    pub words: &'a [u64],
+    /// Live item numbers: bit `n % 64` of word `n / 64`.
+    pub live: &'a [u64],
 }
 
 /// The registry of indexes.
@@ -123,10 +135,11 @@ pub trait IndexStore: Send + Sync {
         self.vector_into(number, &mut out)?;
         Ok(out)
     }
-    /// Calls `f` with every item's sketch, `sketch_bits / 64` words per item number, in one
-    /// slice (held in memory: ranking thousands of candidates must not touch the disk). Items
-    /// numbered past its end, and indexes without sketches, have none.
-    fn with_sketches(&self, f: &mut dyn FnMut(&[u64]));
+    /// Calls `f` with every item's sketch, `sketch_bits / 64` words per item number, and the set
+    /// of live items (held in memory: ranking thousands of candidates, or scanning them all,
+    /// must not touch the disk). Items numbered past the end, and indexes without sketches,
+    /// have none.
+    fn with_sketches(&self, f: &mut dyn FnMut(SketchView<'_>));
     /// Live items.
     fn len(&self) -> Result<u64, StoreError>;
     fn is_empty(&self) -> Result<bool, StoreError> {

@@ -13,7 +13,7 @@ use prost::Message;
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
-use super::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError, StoredItem};
+use super::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, SketchView, StoreError, StoredItem};
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
 /// Item numbers per bucket chunk: an append rewrites one open chunk of at most 512 bytes,
@@ -143,7 +143,7 @@ impl SledCatalog {
         };
         let sketches = match def.sketch_bits {
             0 => None,
-            bits => Some(Sketches::open(&sketch_path(&self.vectors_dir, record.uid), bits, next)?),
+            bits => Some(Sketches::open(&sketch_path(&self.vectors_dir, record.uid), bits, next, &tree)?),
         };
         Ok(Arc::new(SledIndex {
             def,
@@ -377,9 +377,11 @@ impl IndexStore for SledIndex {
             .map_err(|_| StoreError::ItemNumbersExhausted(self.def.name.clone()))?;
         let mut batch = sled::Batch::default();
         let mut edits = HashMap::new();
+        let mut replaced = Vec::new();
         for (number, item) in (first..).zip(&items) {
             if let Some(old) = self.existing_number(&item.id)? {
                 self.unlink(old, &mut edits, &mut batch)?;
+                replaced.push(old);
                 count -= 1;
             }
             for (table, &code) in item.codes.iter().enumerate() {
@@ -408,7 +410,11 @@ impl IndexStore for SledIndex {
         batch.insert(keys::NEXT_ITEM, &next.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.durability.commit()
+        self.durability.commit()?;
+        if let Some(sketches) = &self.sketches {
+            sketches.set_live(first..next, &replaced);
+        }
+        Ok(())
     }
 
     fn delete(&self, ids: &[String]) -> Result<usize, StoreError> {
@@ -416,17 +422,17 @@ impl IndexStore for SledIndex {
         let mut count = read_u64(&self.tree, keys::ITEM_COUNT)?;
         let mut batch = sled::Batch::default();
         let mut edits = HashMap::new();
-        let mut deleted = 0;
+        let mut deleted = Vec::new();
         let unique: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
         for id in unique {
             if let Some(number) = self.existing_number(id)? {
                 self.unlink(number, &mut edits, &mut batch)?;
+                deleted.push(number);
                 batch.remove(keys::id(id));
                 count -= 1;
-                deleted += 1;
             }
         }
-        if deleted == 0 {
+        if deleted.is_empty() {
             return Ok(0);
         }
         for edit in edits.into_values() {
@@ -435,7 +441,10 @@ impl IndexStore for SledIndex {
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.durability.commit()?;
-        Ok(deleted)
+        if let Some(sketches) = &self.sketches {
+            sketches.set_live(0..0, &deleted);
+        }
+        Ok(deleted.len())
     }
 
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError> {
@@ -461,7 +470,7 @@ impl IndexStore for SledIndex {
         for &number in numbers {
             if let Some(v) = self.tree.get(keys::item(number))? {
                 let r = ItemRecord::decode(&*v)?;
-                items.push(StoredItem { number, id: r.id, label: r.label, metadata: r.metadata });
+                items.push(StoredItem { number, id: r.id, label: r.label, metadata: r.metadata, codes: r.codes });
             }
         }
         Ok(items)
@@ -476,10 +485,13 @@ impl IndexStore for SledIndex {
         vectors.read(number, |payload| records::get_f32s(payload, out))
     }
 
-    fn with_sketches(&self, f: &mut dyn FnMut(&[u64])) {
+    fn with_sketches(&self, f: &mut dyn FnMut(SketchView<'_>)) {
         match &self.sketches {
-            Some(sketches) => f(&sketches.words.read().unwrap_or_else(|e| e.into_inner())),
-            None => f(&[]),
+            Some(sketches) => {
+                let state = sketches.state.read().unwrap_or_else(|e| e.into_inner());
+                f(SketchView { words: &state.words, live: &state.live })
+            }
+            None => f(SketchView { words: &[], live: &[] }),
         }
     }
 
@@ -507,22 +519,30 @@ impl IndexStore for SledIndex {
 }
 
 /// An index's sketches: a record file, and all of it in memory for queries (64 bytes an item at
-/// 512 bits; read once when the index is opened).
+/// 512 bits; read once when the index is opened), with the set of live items (a full scan of
+/// the sketches must skip those deleted or replaced).
 struct Sketches {
     file: RecordFile,
     words_per_item: usize,
+    state: RwLock<SketchState>,
+}
+
+struct SketchState {
     /// Item `n`'s words at `n × words_per_item`.
-    words: RwLock<Vec<u64>>,
+    words: Vec<u64>,
+    /// Bit `n % 64` of word `n / 64` is set while item `n` is live.
+    live: Vec<u64>,
 }
 
 impl Sketches {
-    fn open(path: &Path, bits: u32, committed: u32) -> Result<Self, StoreError> {
+    fn open(path: &Path, bits: u32, committed: u32, tree: &sled::Tree) -> Result<Self, StoreError> {
         let words_per_item = bits as usize / 64;
         // Queries read the in-memory copy; the file is only read back here.
         let file = RecordFile::open(path, 8 * words_per_item, committed, Access::Whole)?;
         let mut words = Vec::with_capacity(committed as usize * words_per_item);
         file.read_all(committed, |_, payload| records::get_u64s(payload, &mut words))?;
-        Ok(Self { file, words_per_item, words: RwLock::new(words) })
+        let live = live_items(tree, committed)?;
+        Ok(Self { file, words_per_item, state: RwLock::new(SketchState { words, live }) })
     }
 
     /// Writes the sketches of items `first, first + 1, …` (before the sled batch that commits them).
@@ -536,13 +556,52 @@ impl Sketches {
             )));
         }
         self.file.write_batch(first, items.len(), |i, buf| records::put_u64s(&items[i].sketch, buf))?;
-        let mut words = self.words.write().unwrap_or_else(|e| e.into_inner());
-        // A batch that failed after this point left words of uncommitted items: theirs are
-        // overwritten now, as the file's records were.
-        words.truncate(first as usize * self.words_per_item);
-        items.iter().for_each(|it| words.extend_from_slice(&it.sketch));
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        // A batch that failed after this point left words of uncommitted items (never marked
+        // live): theirs are overwritten now, as the file's records were.
+        state.words.truncate(first as usize * self.words_per_item);
+        items.iter().for_each(|it| state.words.extend_from_slice(&it.sketch));
         Ok(())
     }
+
+    /// Marks items `added` live and `removed` dead, once their batch is committed.
+    fn set_live(&self, added: std::ops::Range<u32>, removed: &[u32]) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let live = &mut state.live;
+        live.resize(live.len().max((added.end as usize).div_ceil(64)), 0);
+        for n in added {
+            live[n as usize / 64] |= 1 << (n % 64);
+        }
+        for &n in removed {
+            if let Some(word) = live.get_mut(n as usize / 64) {
+                *word &= !(1 << (n % 64));
+            }
+        }
+    }
+}
+
+/// The live item numbers (below `next`) as a bit set: the members of table 0's buckets, which
+/// hold every live item once. Reading them is a scan of about `items / CHUNK_CAPACITY + 2^K`
+/// chunks, where reading the item records would be a scan of all items.
+fn live_items(tree: &sled::Tree, next: u32) -> Result<Vec<u64>, StoreError> {
+    let mut live = vec![0u64; (next as usize).div_ceil(64)];
+    let mut numbers = Vec::new();
+    for entry in tree.scan_prefix(keys::table_prefix(0)) {
+        let (key, value) = entry?;
+        let corrupt = || StoreError::Corrupt(format!("bucket chunk {key:?} of table 0"));
+        let (_, _, chunk) = keys::parse_bucket_chunk(&key).ok_or_else(corrupt)?;
+        numbers.clear();
+        if chunk == keys::OPEN_CHUNK {
+            keys::decode_open_chunk(&value, &mut numbers).ok_or_else(corrupt)?;
+        } else {
+            keys::decode_items(&value, &mut numbers);
+        }
+        for &n in &numbers {
+            let word = live.get_mut(n as usize / 64).ok_or_else(corrupt)?;
+            *word |= 1 << (n % 64);
+        }
+    }
+    Ok(live)
 }
 
 /// Pending changes to one bucket within a write batch.
@@ -692,6 +751,12 @@ mod tests {
         out
     }
 
+    fn live(store: &dyn IndexStore) -> Vec<u64> {
+        let mut live = Vec::new();
+        store.with_sketches(&mut |s| live = s.live.to_vec());
+        live
+    }
+
     fn ids_in_bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<String> {
         let mut ids: Vec<String> =
             store.items(&bucket(store, table, code)).unwrap().into_iter().map(|i| i.id).collect();
@@ -803,16 +868,23 @@ mod tests {
             let wrong = NewItem { sketch: vec![1], ..item("c", &[1], &[]) };
             assert!(matches!(store.upsert(&[wrong]), Err(StoreError::Corrupt(_))));
             assert!(matches!(store.vector(0), Err(StoreError::VectorsNotStored(_))));
+            assert_eq!(live(&*store), [0b110], "a's first record (item 0) is dead");
         }
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
         assert_eq!(catalog.list().unwrap(), vec![lean]);
         let store = catalog.open("lean").unwrap().unwrap();
         assert_eq!(store.sketch_planes().unwrap().unwrap(), sketch_planes);
         let mut words = Vec::new();
-        store.with_sketches(&mut |s| words = s.to_vec());
+        store.with_sketches(&mut |s| words = s.words.to_vec());
         // Items 0 and 1, then a's replacement as item 2; the refused batch left nothing.
         assert_eq!(words, [1, 2, 3, 4, 5, 6]);
         assert_eq!(bucket(&*store, 0, 1), [1, 2]);
+        assert_eq!(live(&*store), [0b110], "liveness read back from the buckets");
+        assert_eq!(store.delete(&["b".into()]).unwrap(), 1);
+        assert_eq!(live(&*store), [0b100]);
+        let with_sketch = |id: &str, words: [u64; 2]| NewItem { sketch: words.to_vec(), ..item(id, &[1], &[]) };
+        store.upsert(&[with_sketch("c", [7, 8])]).unwrap();
+        assert_eq!(live(&*store), [0b1100]);
         let files: Vec<_> = std::fs::read_dir(dir.path().join("vectors")).unwrap().map(|f| f.unwrap().path()).collect();
         assert!(files.iter().all(|f| f.extension().is_some_and(|x| x == "sketch")), "{files:?}");
     }
