@@ -248,7 +248,9 @@ def main():
         if ranking == "auto":
             options = {}  # what a client that sets nothing gets: the server's defaults and plan
         else:
-            depth = {"votes": 0, "all": 100000}.get(ranking) or int(ranking.removeprefix("sketch").removeprefix("scan"))
+            depth = {"votes": 0, "all": 100000}.get(ranking)
+            if depth is None:
+                depth = int(ranking.removeprefix("sketch").removeprefix("scan"))
             plan = pb.SEARCH_PLAN_SCAN if ranking.startswith("scan") else pb.SEARCH_PLAN_TABLES
             options = dict(probes=int(probes), rerank=ranking != "votes", rerank_depth=depth, plan=plan)
         plans = set()

@@ -613,12 +613,12 @@ impl Index {
 
     /// Exact cosine similarity of `vector` with each candidate's stored embedding.
     fn exact(&self, vector: &[f32], candidates: &[(u32, u32)]) -> Result<Vec<Ranked>, IndexError> {
-        let mut stored = Vec::with_capacity(vector.len());
+        let numbers: Vec<u32> = candidates.iter().map(|&(number, _)| number).collect();
         let mut ranked = Vec::with_capacity(candidates.len());
-        for &(number, votes) in candidates {
-            self.store.vector_into(number, &mut stored)?;
-            ranked.push(Ranked { number, votes, similarity: cosine(vector, &stored) });
-        }
+        self.store.for_each_vector(&numbers, &mut |i, stored| {
+            let (number, votes) = candidates[i];
+            ranked.push(Ranked { number, votes, similarity: cosine(vector, stored) });
+        })?;
         Ok(ranked)
     }
 

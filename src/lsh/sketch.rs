@@ -20,10 +20,10 @@ pub fn sketch_shape(dim: usize, bits: u32) -> Result<LshShape, LshError> {
     Ok(LshShape { dim, hash_bits: WORD_BITS, tables: bits / WORD_BITS })
 }
 
-/// Draws the hyperplanes of a sketch family. Its seed is derived from the index's so that the
-/// sketch bits are independent of the table bits.
+/// Draws the hyperplanes of a sketch family, orthonormal in blocks of `dim`. Its seed is derived
+/// from the index's so that the sketch bits are independent of the table bits.
 pub fn draw_sketch_planes(dim: usize, bits: u32, index_seed: u64) -> Result<Hyperplanes, LshError> {
-    Hyperplanes::draw(sketch_shape(dim, bits)?, index_seed ^ 0x9e37_79b9_7f4a_7c15)
+    Hyperplanes::draw_orthogonal(sketch_shape(dim, bits)?, index_seed ^ 0x9e37_79b9_7f4a_7c15)
 }
 
 /// Bits that differ between two sketches of the same family.
@@ -156,8 +156,13 @@ fn scan_avx512(query: &[u64], sketches: &[u64], nearest: &mut Nearest<'_>) {
     // need no alignment.
     let query_lanes: Vec<__m512i> =
         query.chunks_exact(8).map(|q| unsafe { _mm512_loadu_si512(q.as_ptr().cast()) }).collect();
-    // Per-lane bit counts of one sketch's difference with the query.
+    // Per-lane bit counts of one sketch's difference with the query; 512-bit sketches (the
+    // default) in one load, without the loop.
+    let single = (words == 8).then(|| query_lanes[0]);
     let counts = |sketch: &[u64]| {
+        if let Some(lane) = single {
+            return _mm512_popcnt_epi64(_mm512_xor_si512(lane, unsafe { _mm512_loadu_si512(sketch.as_ptr().cast()) }));
+        }
         let mut counts = _mm512_setzero_si512();
         for (lane, s) in query_lanes.iter().zip(sketch.chunks_exact(8)) {
             let x = _mm512_xor_si512(*lane, unsafe { _mm512_loadu_si512(s.as_ptr().cast()) });

@@ -128,11 +128,13 @@ pub trait IndexStore: Send + Sync {
     /// The items with these numbers, skipping numbers with no live item.
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError>;
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError>;
-    /// The stored embedding of item `number`, into `out` (replacing its contents).
-    fn vector_into(&self, number: u32, out: &mut Vec<f32>) -> Result<(), StoreError>;
+    /// Calls `f(i, embedding)` with the stored embedding of each of `numbers` in turn (re-ranking:
+    /// read in place where possible, the next one fetched while one is used).
+    fn for_each_vector(&self, numbers: &[u32], f: &mut dyn FnMut(usize, &[f32])) -> Result<(), StoreError>;
+    /// The stored embedding of item `number`.
     fn vector(&self, number: u32) -> Result<Vec<f32>, StoreError> {
         let mut out = Vec::new();
-        self.vector_into(number, &mut out)?;
+        self.for_each_vector(&[number], &mut |_, v| out = v.to_vec())?;
         Ok(out)
     }
     /// Calls `f` with every item's sketch, `sketch_bits / 64` words per item number, and the set

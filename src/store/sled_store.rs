@@ -480,9 +480,10 @@ impl IndexStore for SledIndex {
         self.existing_number(id)
     }
 
-    fn vector_into(&self, number: u32, out: &mut Vec<f32>) -> Result<(), StoreError> {
+    fn for_each_vector(&self, numbers: &[u32], f: &mut dyn FnMut(usize, &[f32])) -> Result<(), StoreError> {
         let vectors = self.vectors.as_ref().ok_or_else(|| StoreError::VectorsNotStored(self.def.name.clone()))?;
-        vectors.read(number, |payload| records::get_f32s(payload, out))
+        let mut scratch = Vec::new();
+        vectors.read_many(numbers, |i, payload| f(i, records::f32s_of(payload, &mut scratch)))
     }
 
     fn with_sketches(&self, f: &mut dyn FnMut(SketchView<'_>)) {
