@@ -4,8 +4,9 @@
 //!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
 //!
 //! Prints vectors/s acknowledged (durable), query latency percentiles of the default query
-//! (2 probes, sketch pre-ranking of 200, exact re-ranking) with each search plan (TABLES, SCAN),
-//! how often the two agree on the top 10, which plan the server picks by itself, bytes on disk
+//! (2 probes, sketch pre-ranking of 200, exact re-ranking) with each search plan (TABLES, SCAN)
+//! and its recall@10 (exact top 10 by brute force for the first 50 queries; queries lie around
+//! the data's cluster centres), which plan the server picks by itself, bytes on disk
 //! per item, and the time from
 //! process start to the first answered query after a clean stop (SIGTERM right after the ingest,
 //! which checkpoints the database; how long that stop took) and after a crash (SIGKILL).
@@ -75,16 +76,48 @@ impl Rng {
     }
 }
 
-/// Vectors around 1,000 centres, flattened row-major.
-fn clustered(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng(seed);
+/// `n` vectors around 1,000 centres (drawn from `centres_seed`), noise from `noise_seed`,
+/// flattened row-major. Queries share the data's centres, with noise of their own.
+fn clustered(n: usize, centres_seed: u64, noise_seed: u64) -> Vec<f32> {
+    let mut rng = Rng(centres_seed);
     let centres: Vec<f32> = (0..1000 * DIM).map(|_| rng.unit()).collect();
+    let mut rng = Rng(noise_seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut out = Vec::with_capacity(n * DIM);
     for i in 0..n {
         let c = &centres[(i % 1000) * DIM..][..DIM];
         out.extend(c.iter().map(|x| x + 0.3 * rng.unit()));
     }
     out
+}
+
+/// Queries whose exact top 10 is computed (by brute force, on two threads).
+const TRUTH_QUERIES: usize = 50;
+
+/// Row numbers of the exact 10 nearest data rows by cosine, per query.
+fn exact_top10(data: &[f32], queries: &[f32]) -> Vec<Vec<usize>> {
+    let queries: Vec<&[f32]> = queries.chunks(DIM).collect();
+    let half = queries.len().div_ceil(2).max(1);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = queries
+            .chunks(half)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|q| {
+                            let mut scored: Vec<(f32, usize)> = data
+                                .chunks(DIM)
+                                .enumerate()
+                                .map(|(row, v)| (imagelsh::lsh::cosine(q, v), row))
+                                .collect();
+                            scored.select_nth_unstable_by(9, |a, b| b.0.total_cmp(&a.0));
+                            scored[..10].iter().map(|&(_, row)| row).collect()
+                        })
+                        .collect::<Vec<Vec<usize>>>()
+                })
+            })
+            .collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap()).collect()
+    })
 }
 
 struct Server(Child, String);
@@ -136,6 +169,12 @@ fn query(v: &[f32]) -> QueryRequest {
     }
 }
 
+/// The data row of an ingested id `s{stream}-{batch}-{i}`.
+fn row_of(id: &str, per_stream: usize) -> usize {
+    let parts: Vec<usize> = id.trim_start_matches('s').split('-').map(|p| p.parse().unwrap()).collect();
+    parts[0] * per_stream + parts[1] * BATCH + parts[2]
+}
+
 /// Latencies (sorted), the hits' ids and candidates per query of every query with `plan`.
 struct PlanRun {
     latencies: Vec<Duration>,
@@ -168,7 +207,7 @@ async fn start_and_query(dir: &Path, vector: &[f32]) -> (Server, Duration) {
     (server, elapsed)
 }
 
-async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: &[f32]) {
+async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: &[f32], truth: &[Vec<usize>]) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let mut client = server.client().await;
@@ -227,9 +266,14 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
     let tables = run_queries(&mut client, queries, SearchPlan::Tables).await;
     let scan = run_queries(&mut client, queries, SearchPlan::Scan).await;
     let auto = run_queries(&mut client, &queries[..queries.len().min(DIM * 10)], SearchPlan::Auto).await;
-    let shared: usize =
-        tables.hits.iter().zip(&scan.hits).map(|(t, s)| t.iter().filter(|id| s.contains(id)).count()).sum();
-    let agreement = shared as f64 / tables.hits.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let recall = |run: &PlanRun| {
+        let found: usize = truth
+            .iter()
+            .zip(&run.hits)
+            .map(|(exact, hits)| hits.iter().filter(|id| exact.contains(&row_of(id, per_stream))).count())
+            .sum();
+        found as f64 / (10 * truth.len()).max(1) as f64
+    };
     drop(client);
     let bytes = dir_bytes(dir.path());
 
@@ -244,15 +288,16 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
 
     let ms = |run: &PlanRun, p| percentile(&run.latencies, p).as_secs_f64() * 1e3;
     println!(
-        "| K={bits:<2} L={tables_count:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>6.2} | {:>6.2} | {:>5.3} | {:>6} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
+        "| K={bits:<2} L={tables_count:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>5.3} | {:>6.2} | {:>6.2} | {:>5.3} | {:>6} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
         indexed,
         indexed as f64 / ingest.as_secs_f64(),
         ms(&tables, 0.5),
         ms(&tables, 0.99),
         tables.candidates,
+        recall(&tables),
         ms(&scan, 0.5),
         ms(&scan, 0.99),
-        agreement,
+        recall(&scan),
         auto.plans.iter().copied().collect::<Vec<_>>().join("+"),
         bytes as f64 / indexed as f64,
         stop.as_millis(),
@@ -263,18 +308,19 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
 
 fn main() {
     let a = args();
-    let data = clustered(a.items, 1);
-    let queries = clustered(a.queries, 2);
+    let data = clustered(a.items, 1, 1);
+    let queries = clustered(a.queries, 1, 2);
+    let truth = exact_top10(&data, &queries[..queries.len().min(TRUTH_QUERIES * DIM)]);
     println!(
         "ingest: {} clustered {DIM}-d vectors in batches of {BATCH} over {} stream(s), durable acks; {} queries top_k=10",
         a.items, a.streams, a.queries
     );
     println!(
-        "| index | items | vec/s | TABLES p50 ms | TABLES p99 ms | cand/query | SCAN p50 ms | SCAN p99 ms | top-10 agreement | default plan | B/item | clean stop ms | then start→1st query ms | crash, start→1st query ms |"
+        "| index | items | vec/s | TABLES p50 ms | TABLES p99 ms | cand/query | TABLES recall@10 | SCAN p50 ms | SCAN p99 ms | SCAN recall@10 | default plan | B/item | clean stop ms | then start→1st query ms | crash, start→1st query ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Runtime::new().unwrap();
     for &shape in &a.shapes {
-        rt.block_on(run(shape, &a, &data, &queries));
+        rt.block_on(run(shape, &a, &data, &queries, &truth));
     }
 }
