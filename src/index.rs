@@ -483,7 +483,8 @@ impl Index {
             SearchPlan::Auto => {
                 let mut bytes = 0;
                 self.store.with_sketches(&mut |view| bytes = 8 * view.words.len() as u64);
-                Ok(if scannable && bytes <= self.full_scan_threshold { SearchPlan::Scan } else { SearchPlan::Tables })
+                let small = self.full_scan_threshold > 0 && bytes <= self.full_scan_threshold;
+                Ok(if scannable && small { SearchPlan::Scan } else { SearchPlan::Tables })
             }
         }
     }
@@ -517,9 +518,17 @@ impl Index {
                 .map(|(number, d)| Ranked { number, votes: 0, similarity: estimated_cosine(d, bits) })
                 .collect()
         };
-        let probed = self.probed_codes(vector, probes)?;
-        let hits = self.hits(best_first(ranked, top_k), top_k, Some(&probed))?;
-        Ok(QueryResult { hits, candidates: scanned, plan: SearchPlan::Scan })
+        let mut probed = self.probed_codes(vector, probes)?;
+        probed.iter_mut().for_each(|codes| codes.sort_unstable());
+        // Votes are known only once the hits' records are read: keep every item tied with the
+        // top_k-th similarity, for `hits` to order ties by votes, then id, as the tables plan does.
+        let hits = self.hits(best_first_with_ties(ranked, top_k), top_k, Some(&probed))?;
+        // A query by id scans its own item too, but it is no candidate.
+        Ok(QueryResult {
+            hits,
+            candidates: scanned.saturating_sub(u32::from(exclude.is_some())),
+            plan: SearchPlan::Scan,
+        })
     }
 
     /// The codes a query visits in each table: its own, then `probes` more, nearest first.
@@ -623,7 +632,8 @@ impl Index {
     }
 
     /// Hits for ranked candidates, in rank order; equal scores are ordered by id. With `probed`
-    /// (the codes the query visits in each table), votes are counted from the items' codes.
+    /// (the codes the query visits in each table, each table's sorted), votes are counted from
+    /// the items' codes.
     fn hits(&self, ranked: Vec<Ranked>, top_k: usize, probed: Option<&[Vec<u64>]>) -> Result<Vec<Hit>, IndexError> {
         let numbers: Vec<u32> = ranked.iter().map(|r| r.number).collect();
         let by_number: HashMap<u32, Ranked> = ranked.iter().map(|r| (r.number, *r)).collect();
@@ -635,8 +645,12 @@ impl Index {
             .map(|item| {
                 let mut r = by_number[&item.number];
                 if let Some(probed) = probed {
-                    r.votes =
-                        item.codes.iter().zip(probed).filter(|(code, visited)| visited.contains(code)).count() as u32;
+                    r.votes = item
+                        .codes
+                        .iter()
+                        .zip(probed)
+                        .filter(|(code, visited)| visited.binary_search(code).is_ok())
+                        .count() as u32;
                 }
                 Hit {
                     id: item.id,
@@ -660,6 +674,17 @@ impl Index {
 fn best_first(mut ranked: Vec<Ranked>, top_k: usize) -> Vec<Ranked> {
     ranked.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)));
     ranked.truncate(top_k);
+    ranked
+}
+
+/// The `top_k` best by similarity, best first, and any more tied with the `top_k`-th.
+fn best_first_with_ties(mut ranked: Vec<Ranked>, top_k: usize) -> Vec<Ranked> {
+    ranked.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+    let Some(last) = ranked.get(top_k.saturating_sub(1)).map(|r| r.similarity) else {
+        return ranked;
+    };
+    let end = top_k + ranked[top_k..].iter().take_while(|r| r.similarity == last).count();
+    ranked.truncate(end);
     ranked
 }
 
@@ -975,6 +1000,23 @@ mod tests {
     }
 
     #[test]
+    fn scan_orders_exact_ties_by_votes_then_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 4, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        let q = [0.9, 0.1, 0.3, 0.2];
+        let mut items = spread(40, 4);
+        // Duplicates of the query, the later id first (a lower item number).
+        items.push((40, vec_item("dup-b", &q)));
+        items.push((41, vec_item("dup-a", &q)));
+        index.ingest(items).unwrap();
+        let top = index.query(QueryBy::Vector(q.to_vec()), &QueryOptions { top_k: 1, ..scan() }).unwrap();
+        assert_eq!(top.hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["dup-a"]);
+        assert_eq!(top.hits[0].votes, 4);
+    }
+
+    #[test]
     fn auto_scans_small_indexes_when_the_query_allows_it() {
         let dir = tempfile::tempdir().unwrap();
         let catalog =
@@ -999,6 +1041,9 @@ mod tests {
         let index = e.index("a").unwrap();
         assert_eq!(index.query(q(), &QueryOptions::default()).unwrap().plan, SearchPlan::Tables);
         assert_eq!(index.query(q(), &scan()).unwrap().plan, SearchPlan::Scan);
+        e.create(IndexSpec { name: "empty".into(), ..Default::default() }).unwrap();
+        let empty = e.index("empty").unwrap().query(q(), &QueryOptions::default()).unwrap();
+        assert_eq!((empty.plan, empty.hits.len()), (SearchPlan::Tables, 0), "0 means never, even with no sketches");
     }
 
     #[test]

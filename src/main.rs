@@ -100,7 +100,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     };
     let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
     let engine = Arc::new(
-        Engine::new(Arc::new(catalog), default_dim).with_full_scan_threshold(config.full_scan_threshold_kb * 1024),
+        Engine::new(Arc::new(catalog), default_dim)
+            .with_full_scan_threshold(config.full_scan_threshold_kb.saturating_mul(1024)),
     );
 
     let listener =

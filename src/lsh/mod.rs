@@ -220,7 +220,6 @@ pub fn table_code(projections: ArrayView1<'_, f32>, table: usize, hash_bits: u32
     code
 }
 
-/// Cosine similarity; 0 when either vector is zero.
 /// `out += Σ_i vector[i] · row_i` over the rows of `matrix` (row-major, `out.len()` wide),
 /// skipping zero features (common after a ReLU). A query's projection is this loop: a
 /// one-row matrix product would pack the whole matrix first.
@@ -248,6 +247,7 @@ fn accumulate_rows_portable(out: &mut [f32], vector: &[f32], matrix: &[f32]) {
     }
 }
 
+/// Cosine similarity; 0 when either vector is zero.
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     // Re-ranking is this loop. The x86-64 baseline stops at SSE2; with AVX2 and FMA (checked at
     // run time) the same code runs on 8-lane registers.

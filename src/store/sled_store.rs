@@ -410,11 +410,11 @@ impl IndexStore for SledIndex {
         batch.insert(keys::NEXT_ITEM, &next.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.durability.commit()?;
+        // Queries see the batch from here on, durable or not yet: so does the scan's liveness.
         if let Some(sketches) = &self.sketches {
             sketches.set_live(first..next, &replaced);
         }
-        Ok(())
+        self.durability.commit()
     }
 
     fn delete(&self, ids: &[String]) -> Result<usize, StoreError> {
@@ -440,10 +440,10 @@ impl IndexStore for SledIndex {
         }
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        self.durability.commit()?;
         if let Some(sketches) = &self.sketches {
             sketches.set_live(0..0, &deleted);
         }
+        self.durability.commit()?;
         Ok(deleted.len())
     }
 
@@ -565,7 +565,7 @@ impl Sketches {
         Ok(())
     }
 
-    /// Marks items `added` live and `removed` dead, once their batch is committed.
+    /// Marks items `added` live and `removed` dead, once their batch is applied.
     fn set_live(&self, added: std::ops::Range<u32>, removed: &[u32]) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let live = &mut state.live;
