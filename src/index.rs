@@ -500,29 +500,18 @@ impl Index {
         depth: usize,
     ) -> Result<QueryResult, IndexError> {
         let sketch = self.sketch.as_ref().ok_or_else(|| IndexError::InvalidArgument("no sketches to scan".into()))?;
-        let query_sketch = sketch.codes_of(sketch.project_one(vector)?.view());
-        let query_sketch = query_sketch.row(0).to_vec();
-        let bits = self.def().sketch_bits;
+        let query_sketch = query_sketch(sketch, vector)?;
         let keep = if self.def().stores_vectors { depth } else { top_k };
         let (mut nearest, mut scanned) = (Vec::new(), 0u32);
         self.store.with_sketches(&mut |view| {
             nearest = nearest_sketches(&query_sketch, view.words, view.live, exclude, keep);
             scanned = view.live.iter().map(|w| w.count_ones()).sum();
         });
-        let ranked = if self.def().stores_vectors {
-            let numbers: Vec<(u32, u32)> = nearest.iter().map(|&(n, _)| (n, 0)).collect();
-            self.exact(vector, &numbers)?
-        } else {
-            nearest
-                .into_iter()
-                .map(|(number, d)| Ranked { number, votes: 0, similarity: estimated_cosine(d, bits) })
-                .collect()
-        };
+        // Votes are counted below, for the hits alone.
+        let ranked = self.similarities(vector, nearest.into_iter().map(|(number, d)| (d, number, 0)).collect())?;
         let mut probed = self.probed_codes(vector, probes)?;
         probed.iter_mut().for_each(|codes| codes.sort_unstable());
-        // Votes are known only once the hits' records are read: keep every item tied with the
-        // top_k-th similarity, for `hits` to order ties by votes, then id, as the tables plan does.
-        let hits = self.hits(best_first_with_ties(ranked, top_k), top_k, Some(&probed))?;
+        let hits = self.hits(best_first(ranked, top_k), top_k, Some(&probed))?;
         // A query by id scans its own item too, but it is no candidate.
         Ok(QueryResult {
             hits,
@@ -592,8 +581,7 @@ impl Index {
             let candidates = votes.at_least(min_votes);
             return Ok(best_first(self.exact(vector, &candidates)?, top_k));
         };
-        let query_sketch = sketch.codes_of(sketch.project_one(vector)?.view());
-        let query_sketch = query_sketch.row(0).to_vec();
+        let query_sketch = query_sketch(sketch, vector)?;
         let bits = self.def().sketch_bits;
         let words = query_sketch.len();
         let mut by_distance: Vec<(u32, u32, u32)> = Vec::new();
@@ -608,16 +596,21 @@ impl Index {
         });
         let keep = if self.def().stores_vectors { depth } else { top_k };
         nearest(&mut by_distance, keep, bits);
-        let ranked = if self.def().stores_vectors {
-            let numbers: Vec<(u32, u32)> = by_distance.iter().map(|&(_, n, v)| (n, v)).collect();
-            self.exact(vector, &numbers)?
-        } else {
-            by_distance
-                .into_iter()
-                .map(|(d, number, votes)| Ranked { number, votes, similarity: estimated_cosine(d, bits) })
-                .collect()
-        };
-        Ok(best_first(ranked, top_k))
+        Ok(best_first(self.similarities(vector, by_distance)?, top_k))
+    }
+
+    /// The similarity of each `(sketch distance, number, votes)` with the query: exact, against
+    /// the stored embedding, or the sketch's estimate where the index keeps no embeddings.
+    fn similarities(&self, vector: &[f32], nearest: Vec<(u32, u32, u32)>) -> Result<Vec<Ranked>, IndexError> {
+        if self.def().stores_vectors {
+            let numbers: Vec<(u32, u32)> = nearest.iter().map(|&(_, number, votes)| (number, votes)).collect();
+            return self.exact(vector, &numbers);
+        }
+        let bits = self.def().sketch_bits;
+        Ok(nearest
+            .into_iter()
+            .map(|(d, number, votes)| Ranked { number, votes, similarity: estimated_cosine(d, bits) })
+            .collect())
     }
 
     /// Exact cosine similarity of `vector` with each candidate's stored embedding.
@@ -670,15 +663,9 @@ impl Index {
     }
 }
 
-/// The `top_k` best by similarity (then votes), best first.
+/// The `top_k` best by similarity, best first, and any more tied with the `top_k`-th: `hits`
+/// orders ties by votes, then id (a scan knows votes only once the hits' records are read).
 fn best_first(mut ranked: Vec<Ranked>, top_k: usize) -> Vec<Ranked> {
-    ranked.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)));
-    ranked.truncate(top_k);
-    ranked
-}
-
-/// The `top_k` best by similarity, best first, and any more tied with the `top_k`-th.
-fn best_first_with_ties(mut ranked: Vec<Ranked>, top_k: usize) -> Vec<Ranked> {
     ranked.sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
     let Some(last) = ranked.get(top_k.saturating_sub(1)).map(|r| r.similarity) else {
         return ranked;
@@ -714,6 +701,11 @@ fn nearest<T>(entries: &mut Vec<(u32, T, T)>, keep: usize, bits: u32) {
                 true
             })
     });
+}
+
+/// The sketch of `vector` on `sketch`'s hyperplanes.
+fn query_sketch(sketch: &Hyperplanes, vector: &[f32]) -> Result<Vec<u64>, IndexError> {
+    Ok(sketch.codes_of(sketch.project_one(vector)?.view()).row(0).to_vec())
 }
 
 /// A candidate's place in a ranking.
