@@ -10,7 +10,8 @@ mod votes;
 
 pub use probe::probe_codes;
 pub use sketch::{
-    MAX_SKETCH_BITS, WORD_BITS, draw_sketch_planes, estimated_cosine, hamming, nearest_sketches, sketch_shape,
+    AsymmetricQuery, MAX_SKETCH_BITS, WORD_BITS, draw_sketch_planes, estimated_cosine, hamming, nearest_sketches,
+    rescore_nearest, sketch_shape,
 };
 pub use votes::{VoteCounter, vote_threshold};
 
