@@ -4,12 +4,12 @@
 //!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
 //!
 //! Prints vectors/s acknowledged (durable), query latency percentiles of the default query
-//! (2 probes, sketch pre-ranking of 200, exact re-ranking) with each search plan (TABLES, SCAN)
-//! and its recall@10 (exact top 10 by brute force for the first 50 queries; queries lie around
-//! the data's cluster centres), which plan the server picks by itself, bytes on disk
-//! per item, and the time from
-//! process start to the first answered query after a clean stop (SIGTERM right after the ingest,
-//! which checkpoints the database; how long that stop took) and after a crash (SIGKILL).
+//! (2 probes, sketch pre-ranking, exact re-ranking of the default depth) with each search plan
+//! (TABLES, SCAN) and its recall@10 (exact top 10 by brute force for the first 50 queries;
+//! queries lie around the data's cluster centres), which plan the server picks by itself, bytes
+//! on disk per item, and the time from process start to the first answered query after a clean
+//! stop (SIGTERM right after the ingest, which checkpoints the database; how long that stop
+//! took) and after a crash (SIGKILL).
 
 mod support;
 use support::dir_bytes;

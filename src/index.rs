@@ -501,8 +501,10 @@ impl Index {
         if self.def().stores_vectors { (depth.saturating_mul(ASYMMETRIC_PRESELECTION), depth) } else { (top_k, top_k) }
     }
 
-    /// The `SearchPlan::Scan` query: every live item's sketch against the query's, the `depth`
-    /// nearest re-ranked exactly (or by estimate without embeddings), votes for the hits.
+    /// The `SearchPlan::Scan` query: every live item's sketch against the query's, the
+    /// `ASYMMETRIC_PRESELECTION × depth` nearest re-scored by the asymmetric estimate, the best
+    /// `depth` re-ranked exactly (without embeddings: the `top_k` nearest by their sketch's
+    /// estimate), votes for the hits.
     fn scan(
         &self,
         vector: &[f32],
@@ -722,15 +724,14 @@ fn nearest<T>(entries: &mut Vec<(u32, T, T)>, keep: usize, bits: u32) {
 /// for the asymmetric re-score of the nearest.
 struct QuerySketch {
     words: Vec<u64>,
-    asymmetric: AsymmetricQuery,
+    projections: Vec<f32>,
 }
 
 impl QuerySketch {
     fn new(sketch: &Hyperplanes, vector: &[f32]) -> Result<Self, IndexError> {
         let projections = sketch.project_one(vector)?;
         let words = sketch.codes_of(projections.view()).row(0).to_vec();
-        let asymmetric = AsymmetricQuery::new(projections.as_slice().unwrap_or_default());
-        Ok(Self { words, asymmetric })
+        Ok(Self { words, projections: projections.row(0).to_vec() })
     }
 
     /// The `keep` of the Hamming-nearest `entries` that the asymmetric estimate ranks best.
@@ -738,7 +739,8 @@ impl QuerySketch {
         if entries.len() <= keep {
             return entries.to_vec();
         }
-        rescore_nearest(&self.asymmetric, sketches, self.words.len(), entries, number, keep)
+        let asymmetric = AsymmetricQuery::new(&self.projections);
+        rescore_nearest(&asymmetric, sketches, self.words.len(), entries, number, keep)
     }
 }
 
@@ -955,6 +957,54 @@ mod tests {
                 assert_eq!(same.similarity, hit.similarity);
             }
         }
+    }
+
+    /// Both plans re-rank exactly the `depth` that the asymmetric estimate ranks best among the
+    /// `ASYMMETRIC_PRESELECTION × depth` nearest by Hamming distance, not the Hamming-nearest.
+    #[test]
+    fn both_plans_rerank_the_asymmetric_best_of_the_hamming_nearest() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = engine(dir.path());
+        let dim = 16;
+        // Two-bit codes in four tables and three probes: every item is a candidate of the tables.
+        e.create(IndexSpec { name: "a".into(), dim, hash_bits: 2, tables: 4, seed: 7, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        let items = spread(400, dim as usize);
+        let queries: Vec<Vec<f32>> =
+            items.iter().step_by(20).map(|(_, it)| it.vector.iter().map(|x| x + 0.3).collect()).collect();
+        index.ingest(items).unwrap();
+        let depth = 5;
+        let mut rescore_mattered = false;
+        for query in queries {
+            let sketch = QuerySketch::new(index.sketch.as_ref().unwrap(), &query).unwrap();
+            let (mut by_hamming, mut expected) = (Vec::new(), Vec::new());
+            index.store.with_sketches(&mut |view| {
+                let preselected =
+                    nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION);
+                expected = sketch.rescore(view.words, &preselected, |&(number, _)| number, depth);
+                by_hamming = nearest_sketches(&sketch.words, view.words, view.live, None, depth);
+            });
+            rescore_mattered |= expected != by_hamming;
+            let numbers: Vec<u32> = expected.iter().map(|&(number, _)| number).collect();
+            let mut expected_ids: Vec<String> =
+                index.store.items(&numbers).unwrap().into_iter().map(|i| i.id).collect();
+            expected_ids.sort();
+            for plan in [SearchPlan::Scan, SearchPlan::Tables] {
+                let options = QueryOptions {
+                    top_k: depth as u32,
+                    rerank_depth: depth as u32,
+                    probes: Some(3),
+                    plan,
+                    ..Default::default()
+                };
+                let result = index.query(QueryBy::Vector(query.clone()), &options).unwrap();
+                assert_eq!(result.candidates, 400, "{plan:?}");
+                let mut ids: Vec<String> = result.hits.into_iter().map(|h| h.id).collect();
+                ids.sort();
+                assert_eq!(ids, expected_ids, "{plan:?}");
+            }
+        }
+        assert!(rescore_mattered, "the re-score picked what Hamming distance picks for every query: no test");
     }
 
     /// The exact top `k` of the live items by cosine, leaving out `skip`.

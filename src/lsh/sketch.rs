@@ -69,6 +69,7 @@ pub fn nearest_sketches(
     if words == 0 || keep == 0 {
         return Vec::new();
     }
+    nearest.kept.reserve(keep.min(sketches.len() / words).saturating_mul(2));
     #[cfg(target_arch = "x86_64")]
     {
         // One 512-bit XOR and VPOPCNTQ per 8 words: a 512-bit sketch in three instructions.
@@ -108,7 +109,7 @@ struct Nearest<'a> {
 
 impl<'a> Nearest<'a> {
     fn new(live: &'a [u64], skip: Option<u32>, keep: usize) -> Self {
-        Self { live, skip, keep, kept: Vec::with_capacity(2 * keep), bound: u32::MAX }
+        Self { live, skip, keep, kept: Vec::new(), bound: u32::MAX }
     }
 
     #[inline(always)]
@@ -122,7 +123,7 @@ impl<'a> Nearest<'a> {
             return;
         }
         self.kept.push((distance, item as u32));
-        if self.kept.len() >= 2 * self.keep {
+        if self.kept.len() >= self.keep.saturating_mul(2) {
             self.cut();
         }
     }
@@ -233,8 +234,10 @@ impl AsymmetricQuery {
         let mut byte_sums = vec![0f32; projections.len().div_ceil(8) * 256];
         for (sums, bits) in byte_sums.chunks_exact_mut(256).zip(projections.chunks(8)) {
             // The values with bit `b` set are those below 2^b plus projection `b`: 8 runs of
-            // independent adds that vectorise, where one value at a time would chain them.
-            for (b, &projection) in bits.iter().enumerate() {
+            // independent adds that vectorise, where one value at a time would chain them. A
+            // bit past the projections (never set in a sketch) adds nothing.
+            for b in 0..8 {
+                let projection = bits.get(b).copied().unwrap_or(0.0);
                 let (low, high) = sums.split_at_mut(1 << b);
                 high[..low.len()].iter_mut().zip(&*low).for_each(|(h, l)| *h = l + projection);
             }
@@ -242,8 +245,9 @@ impl AsymmetricQuery {
         Self { byte_sums, total: projections.iter().sum() }
     }
 
-    /// `Σ_i p_i · s_i`: larger is nearer.
+    /// `Σ_i p_i · s_i`: larger is nearer. `sketch` has as many bits as the query projections.
     pub fn score(&self, sketch: &[u64]) -> f32 {
+        debug_assert_eq!(sketch.len() * 8, self.byte_sums.len() / 256, "a sketch of another size");
         let mut set = [0f32; 4];
         let bytes = sketch.iter().flat_map(|w| w.to_le_bytes());
         for (i, (sums, byte)) in self.byte_sums.chunks_exact(256).zip(bytes).enumerate() {
@@ -272,7 +276,8 @@ pub fn rescore_nearest<E: Copy>(
             let start = number(entry) as usize * words;
             // An item without a sketch (not expected) scores last rather than failing the query.
             let score = sketches.get(start..start + words).map_or(f32::NEG_INFINITY, |s| query.score(s));
-            (score, number(entry), at)
+            // NaN (from projections that overflowed) would rank first under total_cmp.
+            (if score.is_nan() { f32::NEG_INFINITY } else { score }, number(entry), at)
         })
         .collect();
     if keep < scored.len() {
