@@ -20,12 +20,13 @@ pub const DEFAULT_TABLES: u32 = 16;
 pub const DEFAULT_PROBES: u32 = 2;
 pub const DEFAULT_SKETCH_BITS: u32 = 512;
 /// Candidates (best by sketch) re-ranked exactly when a query does not say: recall@10 0.977 by
-/// full scan on Fashion-MNIST, where 50 gives 0.926 and 200 0.995 (BENCHMARKS.md).
+/// full scan on Fashion-MNIST, where 50 gives 0.926 and 200 0.994 (BENCHMARKS.md).
 pub const DEFAULT_RERANK_DEPTH: u32 = 100;
 pub const MAX_RERANK_DEPTH: u32 = 100_000;
 /// Candidates nearest by Hamming distance kept per re-ranked one, for the asymmetric re-score
-/// (`lsh::AsymmetricQuery`) that picks which are re-ranked exactly: on Fashion-MNIST at depth
-/// 50, recall 0.83 without, 0.907 at 2×, 0.926 at 4×, 0.929 at 8×.
+/// (`lsh::AsymmetricQuery`) that picks which are re-ranked exactly: on Fashion-MNIST, scan at
+/// depth 50, recall 0.832 without the re-score, 0.907 at 2×, 0.926 at 4×, 0.929 at 8× (the 8×
+/// costs a third of the queries/s; measured once by varying this constant).
 pub const ASYMMETRIC_PRESELECTION: usize = 4;
 /// The original notebook's K and L, still reachable by asking for them.
 pub const NOTEBOOK_HASH_BITS: u32 = 8;
