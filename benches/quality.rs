@@ -5,10 +5,11 @@
 //!     cargo bench --bench quality -- DATA_DIR K:L:PROBES:CENTER:RANKING[:SKETCH_BITS[:MIN_VOTES]] ...
 //!
 //! RANKING: `votes` (the notebook's), `all` (exact cosine of every candidate), `sketchN`
-//! (candidates pre-ranked by sketch, the N nearest re-ranked exactly), `estimate` (an index that
-//! stores no embeddings: ranked by the sketch's estimated cosine), all with the tables plan; and
-//! `scanN` (the full-scan plan: every sketch, the N nearest re-ranked exactly; PROBES then only
-//! decide the votes reported). SKETCH_BITS defaults to 512.
+//! (candidates ranked by sketch Hamming distance, the 4N nearest re-scored by the asymmetric
+//! estimate, the best N re-ranked exactly), `estimate` (an index that stores no embeddings:
+//! ranked by the sketch's estimated cosine), all with the tables plan; and `scanN` (the
+//! full-scan plan: every sketch, then as `sketchN`; PROBES then only decide the votes
+//! reported). SKETCH_BITS defaults to 512.
 //! Configurations that share an index (K, L, CENTER, SKETCH_BITS, embeddings kept) reuse it.
 //!
 //! DATA_DIR holds `base.f32` (n × dim), `base_labels.u8`, `queries.f32`, `query_labels.u8`,

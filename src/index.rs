@@ -148,8 +148,9 @@ pub struct QueryOptions {
     /// Extra buckets to visit in every table (multi-probe); `None` means `DEFAULT_PROBES`.
     pub probes: Option<u32>,
     /// Rank the candidates by cosine similarity (`None` means yes): exact, with the stored
-    /// embeddings of the `rerank_depth` candidates nearest by sketch; estimated from the
-    /// sketches when the index keeps no embeddings. Otherwise candidates rank by votes.
+    /// embeddings of the `rerank_depth` candidates that the sketches rank best (Hamming
+    /// distance, then the asymmetric re-score); estimated from the sketches when the index
+    /// keeps no embeddings. Otherwise candidates rank by votes.
     pub rerank: Option<bool>,
     /// 0 means `DEFAULT_RERANK_DEPTH`; never fewer than `top_k`.
     pub rerank_depth: u32,
@@ -975,7 +976,9 @@ mod tests {
             items.iter().step_by(20).map(|(_, it)| it.vector.iter().map(|x| x + 0.3).collect()).collect();
         index.ingest(items).unwrap();
         let depth = 5;
-        let mut rescore_mattered = false;
+        // Some query must pick other items than the Hamming distance would, and other items than
+        // an exact comparison of all the preselected would, or a plan skipping either step passes.
+        let (mut rescore_mattered, mut preselection_mattered) = (false, false);
         for query in queries {
             let sketch = QuerySketch::new(index.sketch.as_ref().unwrap(), &query).unwrap();
             let (mut by_hamming, mut expected) = (Vec::new(), Vec::new());
@@ -986,6 +989,14 @@ mod tests {
                 by_hamming = nearest_sketches(&sketch.words, view.words, view.live, None, depth);
             });
             rescore_mattered |= expected != by_hamming;
+            let mut exact: Vec<(f32, u32)> = preselected_numbers(&index, &sketch, depth)
+                .into_iter()
+                .map(|number| (cosine(&query, &index.store.vector(number).unwrap()), number))
+                .collect();
+            exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let mut exact_best: Vec<u32> = exact.iter().take(depth).map(|&(_, number)| number).collect();
+            exact_best.sort_unstable();
+            preselection_mattered |= exact_best != expected.iter().map(|&(number, _)| number).collect::<Vec<_>>();
             let numbers: Vec<u32> = expected.iter().map(|&(number, _)| number).collect();
             let mut expected_ids: Vec<String> =
                 index.store.items(&numbers).unwrap().into_iter().map(|i| i.id).collect();
@@ -1006,6 +1017,22 @@ mod tests {
             }
         }
         assert!(rescore_mattered, "the re-score picked what Hamming distance picks for every query: no test");
+        assert!(
+            preselection_mattered,
+            "the re-score picked the exact best of the preselected for every query: no test"
+        );
+    }
+
+    /// The `ASYMMETRIC_PRESELECTION × depth` items nearest to `sketch` by Hamming distance.
+    fn preselected_numbers(index: &Index, sketch: &QuerySketch, depth: usize) -> Vec<u32> {
+        let mut numbers = Vec::new();
+        index.store.with_sketches(&mut |view| {
+            numbers = nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION)
+                .into_iter()
+                .map(|(number, _)| number)
+                .collect();
+        });
+        numbers
     }
 
     /// The exact top `k` of the live items by cosine, leaving out `skip`.

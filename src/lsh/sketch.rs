@@ -1,7 +1,8 @@
 //! Binary sketches: `bits` sign bits of an item's (centred) projections on hyperplanes of their
 //! own, packed into `bits / 64` words. The Hamming distance of two sketches estimates the angle
-//! between the vectors (P[bit differs] = θ/π), so a query ranks thousands of LSH candidates by a
-//! few popcounts each and re-ranks only the best few hundred exactly.
+//! between the vectors (P[bit differs] = θ/π), so a query ranks thousands of LSH candidates (or
+//! every item) by a few popcounts each, re-scores the nearest few hundred against its own
+//! projections ([`AsymmetricQuery`]) and compares only the best hundred or so exactly.
 //!
 //! A sketch family is a [`Hyperplanes`] of 64-bit "tables": table `w`'s code is word `w`.
 
@@ -69,7 +70,8 @@ pub fn nearest_sketches(
     if words == 0 || keep == 0 {
         return Vec::new();
     }
-    nearest.kept.reserve(keep.min(sketches.len() / words).saturating_mul(2));
+    // The buffer never holds more than 2 × keep, nor more than there are items.
+    nearest.kept.reserve(keep.saturating_mul(2).min(sketches.len() / words));
     #[cfg(target_arch = "x86_64")]
     {
         // One 512-bit XOR and VPOPCNTQ per 8 words: a 512-bit sketch in three instructions.
