@@ -981,17 +981,17 @@ mod tests {
         let (mut rescore_mattered, mut preselection_mattered) = (false, false);
         for query in queries {
             let sketch = QuerySketch::new(index.sketch.as_ref().unwrap(), &query).unwrap();
-            let (mut by_hamming, mut expected) = (Vec::new(), Vec::new());
+            let (mut preselected, mut by_hamming, mut expected) = (Vec::new(), Vec::new(), Vec::new());
             index.store.with_sketches(&mut |view| {
-                let preselected =
+                preselected =
                     nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION);
                 expected = sketch.rescore(view.words, &preselected, |&(number, _)| number, depth);
                 by_hamming = nearest_sketches(&sketch.words, view.words, view.live, None, depth);
             });
             rescore_mattered |= expected != by_hamming;
-            let mut exact: Vec<(f32, u32)> = preselected_numbers(&index, &sketch, depth)
-                .into_iter()
-                .map(|number| (cosine(&query, &index.store.vector(number).unwrap()), number))
+            let mut exact: Vec<(f32, u32)> = preselected
+                .iter()
+                .map(|&(number, _)| (cosine(&query, &index.store.vector(number).unwrap()), number))
                 .collect();
             exact.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut exact_best: Vec<u32> = exact.iter().take(depth).map(|&(_, number)| number).collect();
@@ -1021,18 +1021,6 @@ mod tests {
             preselection_mattered,
             "the re-score picked the exact best of the preselected for every query: no test"
         );
-    }
-
-    /// The `ASYMMETRIC_PRESELECTION × depth` items nearest to `sketch` by Hamming distance.
-    fn preselected_numbers(index: &Index, sketch: &QuerySketch, depth: usize) -> Vec<u32> {
-        let mut numbers = Vec::new();
-        index.store.with_sketches(&mut |view| {
-            numbers = nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION)
-                .into_iter()
-                .map(|(number, _)| number)
-                .collect();
-        });
-        numbers
     }
 
     /// The exact top `k` of the live items by cosine, leaving out `skip`.
