@@ -521,7 +521,7 @@ impl Index {
         let (mut nearest, mut scanned) = (Vec::new(), 0u32);
         self.store.with_sketches(&mut |view| {
             let by_hamming = nearest_sketches(&query.words, view.words, view.live, exclude, preselect);
-            nearest = query.rescore(view.words, &by_hamming, |&(number, _)| number, keep);
+            nearest = query.rescore(view.words, by_hamming, |&(number, _)| number, keep);
             scanned = view.live.iter().map(|w| w.count_ones()).sum();
         });
         // Votes are counted below, for the hits alone.
@@ -613,7 +613,7 @@ impl Index {
                 by_distance.push((distance, number, votes));
             });
             nearest(&mut by_distance, preselect, bits);
-            by_distance = query.rescore(sketches, &by_distance, |&(_, number, _)| number, keep);
+            by_distance = query.rescore(sketches, std::mem::take(&mut by_distance), |&(_, number, _)| number, keep);
         });
         Ok(best_first(self.similarities(vector, by_distance)?, top_k))
     }
@@ -736,13 +736,14 @@ impl QuerySketch {
         Ok(Self { words, projections: projections.row(0).to_vec() })
     }
 
-    /// The `keep` of the Hamming-nearest `entries` that the asymmetric estimate ranks best.
-    fn rescore<E: Copy>(&self, sketches: &[u64], entries: &[E], number: impl Fn(&E) -> u32, keep: usize) -> Vec<E> {
+    /// The `keep` of the Hamming-nearest `entries` that the asymmetric estimate ranks best (all
+    /// of them, untouched, when they fit).
+    fn rescore<E: Copy>(&self, sketches: &[u64], entries: Vec<E>, number: impl Fn(&E) -> u32, keep: usize) -> Vec<E> {
         if entries.len() <= keep {
-            return entries.to_vec();
+            return entries;
         }
         let asymmetric = AsymmetricQuery::new(&self.projections);
-        rescore_nearest(&asymmetric, sketches, self.words.len(), entries, number, keep)
+        rescore_nearest(&asymmetric, sketches, self.words.len(), &entries, number, keep)
     }
 }
 
@@ -985,7 +986,7 @@ mod tests {
             index.store.with_sketches(&mut |view| {
                 preselected =
                     nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION);
-                expected = sketch.rescore(view.words, &preselected, |&(number, _)| number, depth);
+                expected = sketch.rescore(view.words, preselected.clone(), |&(number, _)| number, depth);
                 by_hamming = nearest_sketches(&sketch.words, view.words, view.live, None, depth);
             });
             rescore_mattered |= expected != by_hamming;
@@ -996,8 +997,8 @@ mod tests {
             exact.sort_by(|a, b| b.0.total_cmp(&a.0));
             let mut exact_best: Vec<u32> = exact.iter().take(depth).map(|&(_, number)| number).collect();
             exact_best.sort_unstable();
-            preselection_mattered |= exact_best != expected.iter().map(|&(number, _)| number).collect::<Vec<_>>();
             let numbers: Vec<u32> = expected.iter().map(|&(number, _)| number).collect();
+            preselection_mattered |= exact_best != numbers;
             let mut expected_ids: Vec<String> =
                 index.store.items(&numbers).unwrap().into_iter().map(|i| i.id).collect();
             expected_ids.sort();
