@@ -160,7 +160,7 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let engine = Arc::new(Engine::new(Arc::new(catalog), card.dim));
+        let engine = Arc::new(Engine::open(Arc::new(catalog), &dir.path().join("wal"), card.dim).unwrap());
         let batcher = BatcherConfig {
             max_batch,
             max_delay: Duration::from_millis(2),

@@ -74,7 +74,7 @@ fn main() {
             };
             let dir = tempfile::tempdir().unwrap();
             let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-            let engine = Engine::new(Arc::new(catalog), dim as u32);
+            let engine = Engine::open(Arc::new(catalog), &dir.path().join("wal"), dim as u32).unwrap();
             let spec = IndexSpec {
                 name: "q".into(),
                 dim: dim as u32,

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use imagelsh::api::{self, Limits};
 use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
 use imagelsh::embed::{ModelCard, OnnxEmbedder, OrtOptions};
-use imagelsh::index::Engine;
+use imagelsh::index::{Engine, EngineOptions};
 use imagelsh::pipeline::ImagePipeline;
 use imagelsh::store::{SledCatalog, SledOptions, migrate};
 use tokio::net::TcpListener;
@@ -99,10 +99,20 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
     };
     let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
-    let engine = Arc::new(
-        Engine::new(Arc::new(catalog), default_dim)
-            .with_full_scan_threshold(config.full_scan_threshold_kb.saturating_mul(1024)),
+    let options =
+        EngineOptions { full_scan_threshold: config.full_scan_threshold_kb.saturating_mul(1024), ..Default::default() };
+    let log_dir = config.storage.data_dir.join("wal");
+    let started = std::time::Instant::now();
+    let (engine, recovery) =
+        tokio::task::spawn_blocking(move || Engine::open_with(Arc::new(catalog), &log_dir, default_dim, options))
+            .await?
+            .with_context(|| format!("opening the indexes in {}", config.storage.data_dir.display()))?;
+    tracing::info!(
+        replayed = recovery.replayed,
+        ms = started.elapsed().as_millis() as u64,
+        "indexes open; logged batches not yet applied taken back from the log"
     );
+    let engine = Arc::new(engine);
 
     let listener =
         TcpListener::bind(&config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
@@ -127,7 +137,8 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             let _ = server.await;
         }
     }
-    tokio::task::spawn_blocking(move || engine.flush()).await??;
+    // Everything logged goes into the store, so that the next start replays nothing.
+    tokio::task::spawn_blocking(move || engine.close()).await??;
     if config.checkpoint_on_shutdown {
         let started = std::time::Instant::now();
         let data_dir = config.storage.data_dir.clone();

@@ -12,6 +12,7 @@ impl From<IndexError> for Status {
             IndexError::NotFound(_) | IndexError::ItemNotFound { .. } => Status::not_found(e.to_string()),
             IndexError::AlreadyExists(_) => Status::already_exists(e.to_string()),
             IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+            IndexError::Unavailable(_) => Status::unavailable(e.to_string()),
             IndexError::Store(store) => match store {
                 StoreError::Corrupt(_) | StoreError::Decode(_) => {
                     tracing::error!(error = %store, "stored data failed a check");
@@ -23,7 +24,7 @@ impl From<IndexError> for Status {
                 StoreError::Dropped(_) => Status::not_found(store.to_string()),
                 // The domain refuses what needs embeddings before asking the store for them.
                 StoreError::VectorsNotStored(_) => Status::failed_precondition(store.to_string()),
-                StoreError::Sled(_) | StoreError::Io(_) => {
+                StoreError::Backend(_) | StoreError::Io(_) => {
                     tracing::error!(error = %store, "storage failure");
                     Status::internal(format!("storage failure: {store}"))
                 }

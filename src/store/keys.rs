@@ -8,6 +8,7 @@
 //! | `S`                                        | sketch hyperplanes (layout ≥ 3, optional), f32 LE |
 //! | `N`                                        | next item number, u32 BE               |
 //! | `C`                                        | live item count, u64 BE                |
+//! | `A`                                        | last write-ahead log position applied, u64 BE (layout ≥ 4) |
 //! | `B` table u16 ‖ code u64 ‖ chunk u32       | sealed chunk: item numbers, u32 LE each |
 //! | `B` table u16 ‖ code u64 ‖ `OPEN_CHUNK`    | sealed-chunk count u32 LE ‖ item numbers |
 //! | `I` item u32                               | `ItemRecord` (protobuf)                |
@@ -18,6 +19,7 @@ pub const CENTER: &[u8] = b"M";
 pub const SKETCH_PLANES: &[u8] = b"S";
 pub const NEXT_ITEM: &[u8] = b"N";
 pub const ITEM_COUNT: &[u8] = b"C";
+pub const APPLIED: &[u8] = b"A";
 const BUCKET: u8 = b'B';
 /// Chunk number of a bucket's open chunk, the one appends go to; it sorts after sealed chunks.
 pub const OPEN_CHUNK: u32 = u32::MAX;

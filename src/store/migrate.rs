@@ -5,7 +5,7 @@
 use super::StoreError;
 
 /// The layout this build writes.
-pub const CURRENT_VERSION: u32 = 3;
+pub const CURRENT_VERSION: u32 = 4;
 
 const META_TREE: &str = "meta";
 const VERSION_KEY: &[u8] = b"layout_version";
@@ -40,6 +40,12 @@ pub const MIGRATIONS: &[Migration] = &[
         description: include_str!("../../migrations/0003_item_sketches.md"),
         apply: item_sketches,
     },
+    Migration {
+        version: 4,
+        name: "write_ahead_log",
+        description: include_str!("../../migrations/0004_write_ahead_log.md"),
+        apply: write_ahead_log,
+    },
 ];
 
 /// Version 1: a catalog of indexes, one tree per index, vector files beside the database.
@@ -59,6 +65,14 @@ fn index_centers(_: &sled::Db) -> Result<(), StoreError> {
 /// file) and may keep no embeddings (`IndexRecord.vectors_omitted`). Version-2 indexes have
 /// neither field set and work as before: nothing to rewrite. Older builds must refuse such data.
 fn item_sketches(_: &sled::Db) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// Version 4: acknowledged batches go through a write-ahead log (`wal/`) and reach each index's
+/// tree later, with the applied log position (key `A`). Version-3 indexes have no `A` (nothing
+/// applied from a log) and no log to replay: nothing to rewrite. Older builds must refuse such
+/// data, or they would lose what is logged and not yet applied.
+fn write_ahead_log(_: &sled::Db) -> Result<(), StoreError> {
     Ok(())
 }
 

@@ -5,16 +5,19 @@ mod keys;
 pub mod migrate;
 mod records;
 mod sled_store;
+pub mod wal;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub use sled_store::{SledCatalog, SledOptions};
+pub use wal::{LogRecord, Position, Wal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("storage engine: {0}")]
-    Sled(#[from] sled::Error),
+    /// The backend's own error (its detail boxed: the contract names no backend).
+    #[error("storage backend: {0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("corrupt record: {0}")]
@@ -64,9 +67,10 @@ pub struct IndexParams<'a> {
     pub sketch_planes: Option<&'a [f32]>,
 }
 
-/// An item to write with everything the store keeps of it.
-#[derive(Debug, Clone)]
-pub struct NewItem {
+/// An item as a logged batch writes it: its item number is assigned when the batch is logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemWrite {
+    pub number: u32,
     pub id: String,
     pub label: String,
     pub metadata: HashMap<String, String>,
@@ -74,8 +78,22 @@ pub struct NewItem {
     pub codes: Vec<u64>,
     /// `sketch_bits / 64` words, empty when the index keeps no sketches.
     pub sketch: Vec<u64>,
-    /// Ignored when the index does not store embeddings.
-    pub vector: Vec<f32>,
+}
+
+/// An item a logged batch takes out of its buckets: replaced (its id now names another item) or
+/// deleted (`deleted_id` is then forgotten too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub number: u32,
+    pub codes: Vec<u64>,
+    pub deleted_id: Option<String>,
+}
+
+/// One acknowledged batch of one index, as the store applies it: removals first, then writes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreBatch {
+    pub removals: Vec<Removal>,
+    pub items: Vec<Arc<ItemWrite>>,
 }
 
 /// An item as read back; `number` is the store's internal item number.
@@ -89,14 +107,20 @@ pub struct StoredItem {
     pub codes: Vec<u64>,
 }
 
-/// Every item's sketch, as the store holds them in memory.
-#[derive(Debug, Clone, Copy)]
-pub struct SketchView<'a> {
-    /// Item `n`'s sketch at words `n × w .. (n + 1) × w`; records of items deleted or replaced
-    /// stay (their numbers are not reused).
-    pub words: &'a [u64],
+/// What an index's query state starts from: everything the store has applied.
+#[derive(Debug, Clone, Default)]
+pub struct StoredState {
+    /// Item numbers below this one have been used.
+    pub next: u32,
+    /// Live items.
+    pub count: u64,
+    /// The last log position applied to this index (0: none).
+    pub applied: u64,
     /// Live item numbers: bit `n % 64` of word `n / 64`.
-    pub live: &'a [u64],
+    pub live: Vec<u64>,
+    /// Item `n`'s sketch at words `n × w .. (n + 1) × w`, for items below `next`; empty when the
+    /// index keeps no sketches.
+    pub sketches: Vec<u64>,
 }
 
 /// The registry of indexes.
@@ -106,27 +130,44 @@ pub trait Catalog: Send + Sync {
     /// Opens an existing index; `None` if there is none of that name.
     fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError>;
     fn list(&self) -> Result<Vec<IndexDef>, StoreError>;
-    /// Writes everything buffered to disk (at shutdown).
-    fn flush(&self) -> Result<(), StoreError>;
+    /// Makes every applied batch durable (`IndexStore::apply` alone need not).
+    fn sync(&self) -> Result<(), StoreError>;
 }
 
-/// The stored data of one index: buckets keyed by table and code, items, vectors.
+/// The persisted data of one index: buckets keyed by table and code, items, embeddings.
+///
+/// Writes come in two steps: an ingest writes the embeddings of its items (`write_vectors`,
+/// made durable by `sync_vectors` before the batch is logged); the logged batches are applied
+/// later, many at a time (`apply`). Query-time state (sketches, liveness, what is logged but not
+/// yet applied) belongs to the caller, which gets it at open (`load`).
 pub trait IndexStore: Send + Sync {
     fn def(&self) -> &IndexDef;
+    /// Never reused, also across a drop and a create of the same name.
+    fn uid(&self) -> u64;
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError>;
     /// The vector subtracted before hashing, if the index has one.
     fn center(&self) -> Result<Option<Vec<f32>>, StoreError>;
     /// The sketch hyperplanes, if the index keeps sketches.
     fn sketch_planes(&self) -> Result<Option<Vec<f32>>, StoreError>;
-    /// Inserts the items, replacing any with the same id (the last of a repeated id wins).
-    /// Atomic: after any crash every item is in all of its buckets or in none. Durable on return.
-    fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError>;
-    /// Removes the items with these ids; returns how many existed. Atomic and durable.
-    fn delete(&self, ids: &[String]) -> Result<usize, StoreError>;
-    /// Appends the item numbers in bucket `code` of `table` to `out`.
+    /// The applied state: counters, liveness and sketches of applied items.
+    fn load(&self) -> Result<StoredState, StoreError>;
+    /// Writes the embeddings of items `first, first + 1, …` (not yet durable). A no-op when the
+    /// index keeps no embeddings.
+    fn write_vectors(&self, first: u32, vectors: &[&[f32]]) -> Result<(), StoreError>;
+    /// Makes every written embedding durable.
+    fn sync_vectors(&self) -> Result<(), StoreError>;
+    /// Drops embeddings of items from `committed` on (written but never logged); fails if
+    /// embeddings of items below it are missing.
+    fn cut_vectors(&self, committed: u32) -> Result<(), StoreError>;
+    /// Applies the batches in order, atomically, with `position` (the log position of the last)
+    /// as the new applied position. After a crash the index holds all of them or none.
+    fn apply(&self, batches: &[&StoreBatch], position: u64) -> Result<(), StoreError>;
+    /// Appends the item numbers in bucket `code` of `table` to `out` (applied batches only; may
+    /// include items a later batch removes).
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError>;
-    /// The items with these numbers, skipping numbers with no live item.
+    /// The applied items with these numbers, skipping numbers with no item.
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError>;
+    /// The number of the applied item with this id.
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError>;
     /// Calls `f(i, embedding)` with the stored embedding of each of `numbers` in turn (re-ranking:
     /// read in place where possible, the next one fetched while one is used).
@@ -136,16 +177,6 @@ pub trait IndexStore: Send + Sync {
         let mut out = Vec::new();
         self.for_each_vector(&[number], &mut |_, v| out = v.to_vec())?;
         Ok(out)
-    }
-    /// Calls `f` with every item's sketch, `sketch_bits / 64` words per item number, and the set
-    /// of live items (held in memory: ranking thousands of candidates, or scanning them all,
-    /// must not touch the disk). Items numbered past the end, and indexes without sketches,
-    /// have none.
-    fn with_sketches(&self, f: &mut dyn FnMut(SketchView<'_>));
-    /// Live items.
-    fn len(&self) -> Result<u64, StoreError>;
-    fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.len()? == 0)
     }
     /// Removes the index and all its data; later calls on this handle fail with `Dropped`.
     fn destroy(&self) -> Result<(), StoreError>;

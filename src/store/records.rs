@@ -2,8 +2,8 @@
 //! its open) and its sketches. One record per item number, so that a record's offset is
 //! `item × record_len`. Record: item u32 LE ‖ payload ‖ crc32 of both, LE.
 //!
-//! The sled tree is the source of truth: a batch's records are written and synced before its
-//! sled batch, and at open a file is cut back to the items sled has committed. Reads go through
+//! Records are written and synced before what commits them (the log entry for embeddings, the
+//! sled batch for sketches), and at open a file is cut back to the committed items. Reads go through
 //! a memory map (re-ranking reads hundreds of records per query; a `pread` each costs a
 //! system call), remapped after every write.
 
@@ -36,27 +36,33 @@ pub struct RecordFile {
 }
 
 impl RecordFile {
-    /// Opens (creating if needed) and truncates to `committed` records. Fewer records than
-    /// `committed` means records of acknowledged items are gone: corruption, not recoverable here.
-    pub fn open(path: &Path, payload_len: usize, committed: u32, access: Access) -> Result<Self, StoreError> {
+    /// Opens (creating if needed); `cut_to` then drops records past what is committed.
+    pub fn open(path: &Path, payload_len: usize, access: Access) -> Result<Self, StoreError> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         let this = Self { file, payload_len, access, map: RwLock::new(None) };
-        let want = this.offset(committed);
-        let len = this.file.metadata()?.len();
+        this.remap()?;
+        Ok(this)
+    }
+
+    /// Truncates to `committed` records: later ones belong to writes that never committed.
+    /// Fewer records than `committed` means records of acknowledged items are gone: corruption,
+    /// not recoverable here.
+    pub fn cut_to(&self, committed: u32) -> Result<(), StoreError> {
+        let want = self.offset(committed);
+        let len = self.file.metadata()?.len();
         if len < want {
             return Err(StoreError::Corrupt(format!(
-                "{} holds {} bytes, {committed} committed items need {want}",
-                path.display(),
-                len
+                "a record file holds {len} bytes, {committed} committed items need {want}"
             )));
         }
         if len > want {
-            // Records of a batch that never committed in sled.
-            this.file.set_len(want)?;
-            this.file.sync_all()?;
+            // Drop the map first: it must never cover bytes past the file's end.
+            *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
+            self.file.set_len(want)?;
+            self.file.sync_all()?;
+            self.remap()?;
         }
-        this.remap()?;
-        Ok(this)
+        Ok(())
     }
 
     fn record_len(&self) -> u64 {
@@ -85,7 +91,7 @@ impl RecordFile {
     }
 
     /// Writes the records of items `first, first + 1, …` (`count` of them; `payload(i, buf)`
-    /// appends the payload of the i-th) and syncs them to disk.
+    /// appends the payload of the i-th); `sync` makes them durable.
     pub fn write_batch(
         &self,
         first: u32,
@@ -102,8 +108,11 @@ impl RecordFile {
             buf.extend_from_slice(&crc.to_le_bytes());
         }
         self.file.write_all_at(&buf, self.offset(first))?;
-        self.file.sync_data()?;
         self.remap()
+    }
+
+    pub fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.file.sync_data()?)
     }
 
     /// Calls `f(i, payload)` for the record of each of `items` in turn, each checked. While one is
@@ -202,7 +211,7 @@ mod tests {
     #[test]
     fn read_many_checks_each_record_and_views_f32s_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        let file = RecordFile::open(&dir.path().join("v"), 12, 0, Access::Mapped).unwrap();
+        let file = RecordFile::open(&dir.path().join("v"), 12, Access::Mapped).unwrap();
         write_f32s(&file, 0, &[&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0], &[7.0, 8.0, 9.0]]);
         let mut seen = Vec::new();
         let mut scratch = Vec::new();
@@ -229,7 +238,7 @@ mod tests {
     fn records_round_trip_and_uncommitted_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        let vf = RecordFile::open(&path, 12, 0, Access::Mapped).unwrap();
+        let vf = RecordFile::open(&path, 12, Access::Mapped).unwrap();
         assert!(read_f32s(&vf, 0).is_err());
         let a = [1.0f32, 2.0, 3.0];
         let b = [-1.0f32, 0.5, f32::MIN_POSITIVE];
@@ -240,7 +249,8 @@ mod tests {
         assert_eq!(seen, [(0, 12), (1, 12)]);
         drop(vf);
         // Only the first item committed: the second record goes.
-        let vf = RecordFile::open(&path, 12, 1, Access::Mapped).unwrap();
+        let vf = RecordFile::open(&path, 12, Access::Mapped).unwrap();
+        vf.cut_to(1).unwrap();
         assert_eq!(read_f32s(&vf, 0).unwrap(), a);
         assert!(read_f32s(&vf, 1).is_err());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 + 12 + 4);
@@ -250,7 +260,7 @@ mod tests {
     fn whole_files_are_read_back_without_a_map() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let file = RecordFile::open(&path, 8, 0, Access::Whole).unwrap();
+        let file = RecordFile::open(&path, 8, Access::Whole).unwrap();
         file.write_batch(0, 3, |i, buf| put_u64s(&[i as u64 * 7], buf)).unwrap();
         assert!(file.map.read().unwrap().is_none());
         let mut words = Vec::new();
@@ -263,15 +273,15 @@ mod tests {
     fn missing_committed_records_are_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        RecordFile::open(&path, 12, 0, Access::Mapped).unwrap();
-        assert!(matches!(RecordFile::open(&path, 12, 2, Access::Mapped), Err(StoreError::Corrupt(_))));
+        let vf = RecordFile::open(&path, 12, Access::Mapped).unwrap();
+        assert!(matches!(vf.cut_to(2), Err(StoreError::Corrupt(_))));
     }
 
     #[test]
     fn flipped_byte_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.f32");
-        let vf = RecordFile::open(&path, 8, 0, Access::Mapped).unwrap();
+        let vf = RecordFile::open(&path, 8, Access::Mapped).unwrap();
         write_f32s(&vf, 0, &[&[1.0, 2.0]]);
         vf.file.write_all_at(&[0xff], 6).unwrap();
         assert!(matches!(read_f32s(&vf, 0), Err(StoreError::Corrupt(_))));

@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
-use super::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, SketchView, StoreError, StoredItem};
+use super::{Catalog, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoredItem, StoredState};
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
 /// Item numbers per bucket chunk: an append rewrites one open chunk of at most 512 bytes,
@@ -36,6 +36,15 @@ pub struct SledOptions {
 impl Default for SledOptions {
     fn default() -> Self {
         Self { cache_capacity: 512 << 20, fsync: true }
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => Self::Io(io),
+            other => Self::Backend(Box::new(other)),
+        }
     }
 }
 
@@ -132,18 +141,22 @@ impl SledCatalog {
 
     fn open_record(&self, record: IndexRecord) -> Result<Arc<dyn IndexStore>, StoreError> {
         let tree = self.db.open_tree(tree_name(record.uid))?;
-        let next = read_u32(&tree, keys::NEXT_ITEM)?;
         let def = def_of(&record);
+        // Records are cut back to what is committed by `load` (sketches) and by the caller,
+        // which knows what the log holds beyond the store (`cut_vectors`).
         let vectors = match def.stores_vectors {
-            true => {
-                let path = vector_path(&self.vectors_dir, record.uid);
-                Some(RecordFile::open(&path, 4 * def.dim as usize, next, Access::Mapped)?)
-            }
+            true => Some(RecordFile::open(
+                &vector_path(&self.vectors_dir, record.uid),
+                4 * def.dim as usize,
+                Access::Mapped,
+            )?),
             false => None,
         };
         let sketches = match def.sketch_bits {
             0 => None,
-            bits => Some(Sketches::open(&sketch_path(&self.vectors_dir, record.uid), bits, next, &tree)?),
+            bits => {
+                Some(RecordFile::open(&sketch_path(&self.vectors_dir, record.uid), bits as usize / 8, Access::Whole)?)
+            }
         };
         Ok(Arc::new(SledIndex {
             def,
@@ -264,7 +277,7 @@ impl Catalog for SledCatalog {
         self.catalog.iter().map(|entry| Ok(def_of(&IndexRecord::decode(&*entry?.1)?))).collect()
     }
 
-    fn flush(&self) -> Result<(), StoreError> {
+    fn sync(&self) -> Result<(), StoreError> {
         self.durability.commit()
     }
 }
@@ -276,10 +289,11 @@ struct SledIndex {
     catalog: sled::Tree,
     tree: sled::Tree,
     vectors: Option<RecordFile>,
-    sketches: Option<Sketches>,
+    /// Sketches of applied items (read back whole at `load`; queries use the caller's copy).
+    sketches: Option<RecordFile>,
     vectors_dir: PathBuf,
     durability: Arc<Durability>,
-    /// Writes are read-modify-write of buckets and counters: one writer at a time.
+    /// Applying is read-modify-write of buckets and counters: one writer at a time.
     writer: Mutex<()>,
     dropped: AtomicBool,
 }
@@ -310,38 +324,18 @@ impl SledIndex {
         })
     }
 
-    /// Takes item `number` out of its buckets and removes its record (in `batch`).
-    fn unlink(
-        &self,
-        number: u32,
-        edits: &mut HashMap<(u16, u64), BucketEdit>,
-        batch: &mut sled::Batch,
-    ) -> Result<(), StoreError> {
-        let record = self
-            .tree
-            .get(keys::item(number))?
-            .ok_or_else(|| StoreError::Corrupt(format!("item {number} has an id but no record")))?;
-        let record = ItemRecord::decode(&*record)?;
-        for (table, &code) in record.codes.iter().enumerate() {
-            self.edit(edits, table as u16, code)?.remove(&self.tree, number)?;
-        }
-        batch.remove(&keys::item(number));
-        Ok(())
-    }
-
-    fn existing_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
-        match self.tree.get(keys::id(id))? {
-            None => Ok(None),
-            Some(v) => {
-                keys::decode_u32(&v).map(Some).ok_or_else(|| StoreError::Corrupt(format!("item number of id {id:?}")))
-            }
-        }
+    fn words_per_item(&self) -> usize {
+        self.def.sketch_bits as usize / 64
     }
 }
 
 impl IndexStore for SledIndex {
     fn def(&self) -> &IndexDef {
         &self.def
+    }
+
+    fn uid(&self) -> u64 {
+        self.record.uid
     }
 
     fn hyperplanes(&self) -> Result<Vec<f32>, StoreError> {
@@ -358,93 +352,117 @@ impl IndexStore for SledIndex {
         Ok(self.tree.get(keys::SKETCH_PLANES)?.map(|bytes| keys::decode_f32s(&bytes)))
     }
 
-    fn upsert(&self, items: &[NewItem]) -> Result<(), StoreError> {
-        // The last occurrence of a repeated id wins, as if the items were sent one by one.
-        let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            last.insert(&item.id, i);
+    fn load(&self) -> Result<StoredState, StoreError> {
+        let next = read_u32(&self.tree, keys::NEXT_ITEM)?;
+        let count = read_u64(&self.tree, keys::ITEM_COUNT)?;
+        let applied = match self.tree.get(keys::APPLIED)? {
+            None => 0,
+            Some(v) => keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("applied log position".into()))?,
+        };
+        let mut sketches = Vec::new();
+        if let Some(file) = &self.sketches {
+            // Records past `next` belong to a group whose sled batch never committed.
+            file.cut_to(next)?;
+            sketches.reserve(next as usize * self.words_per_item());
+            file.read_all(next, |_, payload| records::get_u64s(payload, &mut sketches))?;
         }
-        let items: Vec<&NewItem> =
-            items.iter().enumerate().filter(|(i, it)| last[it.id.as_str()] == *i).map(|(_, it)| it).collect();
-        if items.is_empty() {
-            return Ok(());
-        }
+        Ok(StoredState { next, count, applied, live: live_items(&self.tree, next)?, sketches })
+    }
 
+    fn write_vectors(&self, first: u32, vectors: &[&[f32]]) -> Result<(), StoreError> {
+        self.check_live()?;
+        let Some(file) = &self.vectors else { return Ok(()) };
+        let dim = self.def.dim as usize;
+        if let Some(bad) = vectors.iter().find(|v| v.len() != dim) {
+            return Err(StoreError::Corrupt(format!(
+                "an embedding of {} values in an index of dimension {dim}",
+                bad.len()
+            )));
+        }
+        file.write_batch(first, vectors.len(), |i, buf| records::put_f32s(vectors[i], buf))
+    }
+
+    fn sync_vectors(&self) -> Result<(), StoreError> {
+        match &self.vectors {
+            Some(file) => file.sync(),
+            None => Ok(()),
+        }
+    }
+
+    fn cut_vectors(&self, committed: u32) -> Result<(), StoreError> {
+        match &self.vectors {
+            Some(file) => file.cut_to(committed),
+            None => Ok(()),
+        }
+    }
+
+    fn apply(&self, batches: &[&StoreBatch], position: u64) -> Result<(), StoreError> {
         let _writer = self.lock_writer()?;
-        let first = read_u32(&self.tree, keys::NEXT_ITEM)?;
+        let mut next = read_u32(&self.tree, keys::NEXT_ITEM)?;
         let mut count = read_u64(&self.tree, keys::ITEM_COUNT)?;
-        let next = u32::try_from(u64::from(first) + items.len() as u64)
-            .map_err(|_| StoreError::ItemNumbersExhausted(self.def.name.clone()))?;
+        let corrupt_count = || StoreError::Corrupt(format!("live item count of index {:?}", self.def.name));
         let mut batch = sled::Batch::default();
         let mut edits = HashMap::new();
-        let mut replaced = Vec::new();
-        for (number, item) in (first..).zip(&items) {
-            if let Some(old) = self.existing_number(&item.id)? {
-                self.unlink(old, &mut edits, &mut batch)?;
-                replaced.push(old);
-                count -= 1;
+        let mut written: Vec<&ItemWrite> = Vec::new();
+        for logged in batches {
+            for removal in &logged.removals {
+                for (table, &code) in removal.codes.iter().enumerate() {
+                    self.edit(&mut edits, table as u16, code)?.remove(&self.tree, removal.number)?;
+                }
+                batch.remove(&keys::item(removal.number));
+                if let Some(id) = &removal.deleted_id {
+                    batch.remove(keys::id(id));
+                }
+                count = count.checked_sub(1).ok_or_else(corrupt_count)?;
             }
-            for (table, &code) in item.codes.iter().enumerate() {
-                self.edit(&mut edits, table as u16, code)?.append(number);
+            for item in &logged.items {
+                for (table, &code) in item.codes.iter().enumerate() {
+                    self.edit(&mut edits, table as u16, code)?.append(item.number);
+                }
+                let record = ItemRecord {
+                    id: item.id.clone(),
+                    label: item.label.clone(),
+                    metadata: item.metadata.clone(),
+                    codes: item.codes.clone(),
+                };
+                batch.insert(&keys::item(item.number), record.encode_to_vec());
+                batch.insert(keys::id(&item.id), &item.number.to_be_bytes());
+                count += 1;
+                next = next.max(
+                    item.number
+                        .checked_add(1)
+                        .ok_or_else(|| StoreError::ItemNumbersExhausted(self.def.name.clone()))?,
+                );
+                written.push(item);
             }
-            let record = ItemRecord {
-                id: item.id.clone(),
-                label: item.label.clone(),
-                metadata: item.metadata.clone(),
-                codes: item.codes.clone(),
-            };
-            batch.insert(&keys::item(number), record.encode_to_vec());
-            batch.insert(keys::id(&item.id), &number.to_be_bytes());
-            count += 1;
         }
-        // Records first: sled's commit below is what makes the batch exist.
-        if let Some(vectors) = &self.vectors {
-            vectors.write_batch(first, items.len(), |i, buf| records::put_f32s(&items[i].vector, buf))?;
-        }
-        if let Some(sketches) = &self.sketches {
-            sketches.append(first, &items)?;
+        // Sketch records first: the sled batch below is what makes them count (`load` cuts the
+        // file back to the applied items).
+        if let Some(file) = &self.sketches
+            && let Some(first) = written.first().map(|it| it.number)
+        {
+            let words = self.words_per_item();
+            if let Some(bad) = written.iter().find(|it| it.sketch.len() != words) {
+                return Err(StoreError::Corrupt(format!(
+                    "item {:?} has a sketch of {} words, the index keeps {words}",
+                    bad.id,
+                    bad.sketch.len()
+                )));
+            }
+            if written.iter().zip(first..).any(|(it, n)| it.number != n) {
+                return Err(StoreError::Corrupt("applied items are not numbered consecutively".into()));
+            }
+            file.write_batch(first, written.len(), |i, buf| records::put_u64s(&written[i].sketch, buf))?;
+            file.sync()?;
         }
         for edit in edits.into_values() {
             edit.write(&mut batch);
         }
         batch.insert(keys::NEXT_ITEM, &next.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
+        batch.insert(keys::APPLIED, &position.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        // Queries see the batch from here on, durable or not yet: so does the scan's liveness.
-        if let Some(sketches) = &self.sketches {
-            sketches.set_live(first..next, &replaced);
-        }
-        self.durability.commit()
-    }
-
-    fn delete(&self, ids: &[String]) -> Result<usize, StoreError> {
-        let _writer = self.lock_writer()?;
-        let mut count = read_u64(&self.tree, keys::ITEM_COUNT)?;
-        let mut batch = sled::Batch::default();
-        let mut edits = HashMap::new();
-        let mut deleted = Vec::new();
-        let unique: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-        for id in unique {
-            if let Some(number) = self.existing_number(id)? {
-                self.unlink(number, &mut edits, &mut batch)?;
-                deleted.push(number);
-                batch.remove(keys::id(id));
-                count -= 1;
-            }
-        }
-        if deleted.is_empty() {
-            return Ok(0);
-        }
-        for edit in edits.into_values() {
-            edit.write(&mut batch);
-        }
-        batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        if let Some(sketches) = &self.sketches {
-            sketches.set_live(0..0, &deleted);
-        }
-        self.durability.commit()?;
-        Ok(deleted.len())
+        Ok(())
     }
 
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError> {
@@ -477,27 +495,18 @@ impl IndexStore for SledIndex {
     }
 
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
-        self.existing_number(id)
+        match self.tree.get(keys::id(id))? {
+            None => Ok(None),
+            Some(v) => {
+                keys::decode_u32(&v).map(Some).ok_or_else(|| StoreError::Corrupt(format!("item number of id {id:?}")))
+            }
+        }
     }
 
     fn for_each_vector(&self, numbers: &[u32], f: &mut dyn FnMut(usize, &[f32])) -> Result<(), StoreError> {
         let vectors = self.vectors.as_ref().ok_or_else(|| StoreError::VectorsNotStored(self.def.name.clone()))?;
         let mut scratch = Vec::new();
         vectors.read_many(numbers, |i, payload| f(i, records::f32s_of(payload, &mut scratch)))
-    }
-
-    fn with_sketches(&self, f: &mut dyn FnMut(SketchView<'_>)) {
-        match &self.sketches {
-            Some(sketches) => {
-                let state = sketches.state.read().unwrap_or_else(|e| e.into_inner());
-                f(SketchView { words: &state.words, live: &state.live })
-            }
-            None => f(SketchView { words: &[], live: &[] }),
-        }
-    }
-
-    fn len(&self) -> Result<u64, StoreError> {
-        read_u64(&self.tree, keys::ITEM_COUNT)
     }
 
     fn destroy(&self) -> Result<(), StoreError> {
@@ -516,68 +525,6 @@ impl IndexStore for SledIndex {
             }
         }
         Ok(())
-    }
-}
-
-/// An index's sketches: a record file, and all of it in memory for queries (64 bytes an item at
-/// 512 bits; read once when the index is opened), with the set of live items (a full scan of
-/// the sketches must skip those deleted or replaced).
-struct Sketches {
-    file: RecordFile,
-    words_per_item: usize,
-    state: RwLock<SketchState>,
-}
-
-struct SketchState {
-    /// Item `n`'s words at `n × words_per_item`.
-    words: Vec<u64>,
-    /// Bit `n % 64` of word `n / 64` is set while item `n` is live.
-    live: Vec<u64>,
-}
-
-impl Sketches {
-    fn open(path: &Path, bits: u32, committed: u32, tree: &sled::Tree) -> Result<Self, StoreError> {
-        let words_per_item = bits as usize / 64;
-        // Queries read the in-memory copy; the file is only read back here.
-        let file = RecordFile::open(path, 8 * words_per_item, committed, Access::Whole)?;
-        let mut words = Vec::with_capacity(committed as usize * words_per_item);
-        file.read_all(committed, |_, payload| records::get_u64s(payload, &mut words))?;
-        let live = live_items(tree, committed)?;
-        Ok(Self { file, words_per_item, state: RwLock::new(SketchState { words, live }) })
-    }
-
-    /// Writes the sketches of items `first, first + 1, …` (before the sled batch that commits them).
-    fn append(&self, first: u32, items: &[&NewItem]) -> Result<(), StoreError> {
-        if let Some(bad) = items.iter().find(|it| it.sketch.len() != self.words_per_item) {
-            return Err(StoreError::Corrupt(format!(
-                "item {:?} has a sketch of {} words, the index keeps {}",
-                bad.id,
-                bad.sketch.len(),
-                self.words_per_item
-            )));
-        }
-        self.file.write_batch(first, items.len(), |i, buf| records::put_u64s(&items[i].sketch, buf))?;
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        // A batch that failed after this point left words of uncommitted items (never marked
-        // live): theirs are overwritten now, as the file's records were.
-        state.words.truncate(first as usize * self.words_per_item);
-        items.iter().for_each(|it| state.words.extend_from_slice(&it.sketch));
-        Ok(())
-    }
-
-    /// Marks items `added` live and `removed` dead, once their batch is applied.
-    fn set_live(&self, added: std::ops::Range<u32>, removed: &[u32]) {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let live = &mut state.live;
-        live.resize(live.len().max((added.end as usize).div_ceil(64)), 0);
-        for n in added {
-            live[n as usize / 64] |= 1 << (n % 64);
-        }
-        for &n in removed {
-            if let Some(word) = live.get_mut(n as usize / 64) {
-                *word &= !(1 << (n % 64));
-            }
-        }
     }
 }
 
@@ -715,6 +662,7 @@ fn chunk_number(key: &[u8]) -> Result<u32, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Removal;
 
     fn def(name: &str, dim: u32, tables: u32) -> IndexDef {
         IndexDef {
@@ -734,15 +682,19 @@ mod tests {
         IndexParams { hyperplanes, center: None, sketch_planes: None }
     }
 
-    fn item(id: &str, codes: &[u64], vector: &[f32]) -> NewItem {
-        NewItem {
+    fn write(number: u32, id: &str, codes: &[u64]) -> Arc<ItemWrite> {
+        Arc::new(ItemWrite {
+            number,
             id: id.into(),
             label: format!("label-{id}"),
             metadata: HashMap::new(),
             codes: codes.to_vec(),
             sketch: Vec::new(),
-            vector: vector.to_vec(),
-        }
+        })
+    }
+
+    fn removal(number: u32, codes: &[u64], deleted: Option<&str>) -> Removal {
+        Removal { number, codes: codes.to_vec(), deleted_id: deleted.map(String::from) }
     }
 
     fn bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<u32> {
@@ -752,70 +704,95 @@ mod tests {
         out
     }
 
-    fn live(store: &dyn IndexStore) -> Vec<u64> {
-        let mut live = Vec::new();
-        store.with_sketches(&mut |s| live = s.live.to_vec());
-        live
-    }
-
-    fn ids_in_bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<String> {
-        let mut ids: Vec<String> =
-            store.items(&bucket(store, table, code)).unwrap().into_iter().map(|i| i.id).collect();
-        ids.sort();
-        ids
-    }
-
-    #[test]
-    fn upsert_replace_delete_keep_buckets_consistent() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 2, 2), planes(&[0.0; 2 * 16])).unwrap();
-        store.upsert(&[item("x", &[1, 5], &[1.0, 0.0]), item("y", &[1, 6], &[0.0, 1.0])]).unwrap();
-        assert_eq!(ids_in_bucket(&*store, 0, 1), ["x", "y"]);
-        assert_eq!(ids_in_bucket(&*store, 1, 5), ["x"]);
-        // Replacing x moves it to other buckets; its old entries go.
-        store.upsert(&[item("x", &[2, 6], &[0.5, 0.5])]).unwrap();
-        assert_eq!(ids_in_bucket(&*store, 0, 1), ["y"]);
-        assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
-        assert!(bucket(&*store, 1, 5).is_empty());
-        assert_eq!(ids_in_bucket(&*store, 1, 6), ["x", "y"]);
-        assert_eq!(store.len().unwrap(), 2);
-        let x = store.item_number("x").unwrap().unwrap();
-        assert_eq!(store.vector(x).unwrap(), [0.5, 0.5]);
-        assert_eq!(store.delete(&["y".into(), "y".into(), "nope".into()]).unwrap(), 1);
-        assert!(bucket(&*store, 0, 1).is_empty());
-        assert_eq!(store.len().unwrap(), 1);
-    }
-
-    #[test]
-    fn repeated_id_in_one_batch_keeps_the_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 1, 1), planes(&[0.0; 8])).unwrap();
-        store.upsert(&[item("x", &[1], &[1.0]), item("x", &[2], &[2.0])]).unwrap();
-        assert!(bucket(&*store, 0, 1).is_empty());
-        assert_eq!(ids_in_bucket(&*store, 0, 2), ["x"]);
-        assert_eq!(store.len().unwrap(), 1);
-    }
-
     #[test]
     fn large_buckets_span_chunks_and_shrink_back() {
         let dir = tempfile::tempdir().unwrap();
         let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
         let store = catalog.create(&def("a", 1, 1), planes(&[0.0; 8])).unwrap();
-        let n = CHUNK_CAPACITY * 2 + 10;
-        for batch in (0..n).collect::<Vec<_>>().chunks(300) {
-            let items: Vec<NewItem> = batch.iter().map(|i| item(&i.to_string(), &[7], &[*i as f32])).collect();
-            store.upsert(&items).unwrap();
+        let n = (CHUNK_CAPACITY * 2 + 10) as u32;
+        for (position, first) in (1..).zip((0..n).step_by(100)) {
+            let items = (first..n.min(first + 100)).map(|i| write(i, &i.to_string(), &[7])).collect();
+            store.apply(&[&StoreBatch { removals: vec![], items }], position).unwrap();
         }
-        assert_eq!(bucket(&*store, 0, 7).len(), n);
+        assert_eq!(bucket(&*store, 0, 7).len(), n as usize);
         // Delete one item from the first chunk and most of the rest.
-        let doomed: Vec<String> = (0..n - 3).map(|i| i.to_string()).collect();
-        assert_eq!(store.delete(&doomed).unwrap(), n - 3);
-        assert_eq!(ids_in_bucket(&*store, 0, 7), [(n - 3).to_string(), (n - 2).to_string(), (n - 1).to_string()]);
+        let removals = (0..n - 3).map(|i| removal(i, &[7], Some(&i.to_string()))).collect();
+        store.apply(&[&StoreBatch { removals, items: vec![] }], 10).unwrap();
+        assert_eq!(bucket(&*store, 0, 7), [n - 3, n - 2, n - 1]);
         // Appends after the shrink still land in the bucket.
-        store.upsert(&[item("new", &[7], &[0.0])]).unwrap();
+        store.apply(&[&StoreBatch { removals: vec![], items: vec![write(n, "new", &[7])] }], 11).unwrap();
         assert_eq!(bucket(&*store, 0, 7).len(), 4);
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.next, loaded.count, loaded.applied), (n + 1, 4, 11));
+    }
+
+    #[test]
+    fn checkpoint_after_close_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.create(&def("a", 2, 1), planes(&[1.0; 16])).unwrap();
+        store.write_vectors(0, &[&[1.0, 2.0]]).unwrap();
+        store.sync_vectors().unwrap();
+        store.apply(&[&StoreBatch { removals: vec![], items: vec![write(0, "x", &[3])] }], 1).unwrap();
+        catalog.sync().unwrap();
+        drop(store);
+        drop(catalog);
+        SledCatalog::checkpoint(dir.path()).unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        let store = catalog.open("a").unwrap().unwrap();
+        assert_eq!(bucket(&*store, 0, 3), [0]);
+        store.cut_vectors(1).unwrap();
+        assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_replace_and_a_delete_in_one_group_of_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
+        let store = catalog.create(&def("a", 1, 2), planes(&[0.0; 16])).unwrap();
+        let first = StoreBatch { removals: vec![], items: vec![write(0, "x", &[1, 5]), write(1, "y", &[1, 6])] };
+        // x replaced (0 → 2) and y deleted, applied together with the batch that wrote them.
+        let second = StoreBatch { removals: vec![removal(0, &[1, 5], None)], items: vec![write(2, "x", &[2, 6])] };
+        let third = StoreBatch { removals: vec![removal(1, &[1, 6], Some("y"))], items: vec![] };
+        store.apply(&[&first, &second, &third], 3).unwrap();
+        assert!(bucket(&*store, 0, 1).is_empty());
+        assert_eq!((bucket(&*store, 0, 2), bucket(&*store, 1, 6)), (vec![2], vec![2]));
+        assert_eq!((store.item_number("x").unwrap(), store.item_number("y").unwrap()), (Some(2), None));
+        assert_eq!(store.items(&[0, 1, 2]).unwrap().iter().map(|i| i.number).collect::<Vec<_>>(), [2]);
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.next, loaded.count, loaded.applied, loaded.live), (3, 1, 3, vec![0b100]));
+    }
+
+    #[test]
+    fn sketches_of_applied_items_are_loaded_and_indexes_may_keep_no_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let lean = IndexDef { sketch_bits: 128, stores_vectors: false, ..def("lean", 2, 1) };
+        let sketch_planes = [0.5f32; 2 * 128];
+        {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+            let params = IndexParams { hyperplanes: &[1.0; 16], center: None, sketch_planes: Some(&sketch_planes) };
+            let store = catalog.create(&lean, params).unwrap();
+            let with_sketch = |n: u32, id: &str, words: [u64; 2]| {
+                Arc::new(ItemWrite { sketch: words.to_vec(), ..(*write(n, id, &[1])).clone() })
+            };
+            let items = vec![with_sketch(0, "a", [1, 2]), with_sketch(1, "b", [3, 4])];
+            store.apply(&[&StoreBatch { removals: vec![], items }], 1).unwrap();
+            let wrong = Arc::new(ItemWrite { sketch: vec![1], ..(*write(2, "c", &[1])).clone() });
+            assert!(matches!(
+                store.apply(&[&StoreBatch { removals: vec![], items: vec![wrong] }], 2),
+                Err(StoreError::Corrupt(_))
+            ));
+            assert!(matches!(store.vector(0), Err(StoreError::VectorsNotStored(_))));
+            catalog.sync().unwrap();
+        }
+        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+        assert_eq!(catalog.list().unwrap(), vec![lean]);
+        let store = catalog.open("lean").unwrap().unwrap();
+        assert_eq!(store.sketch_planes().unwrap().unwrap(), sketch_planes);
+        let loaded = store.load().unwrap();
+        assert_eq!((loaded.sketches, loaded.live, loaded.applied), (vec![1, 2, 3, 4], vec![0b11], 1));
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("vectors")).unwrap().map(|f| f.unwrap().path()).collect();
+        assert!(files.iter().all(|f| f.extension().is_some_and(|x| x == "sketch")), "{files:?}");
     }
 
     #[test]
@@ -824,70 +801,22 @@ mod tests {
         {
             let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
             let store = catalog.create(&def("a", 2, 1), planes(&[1.5; 2 * 8])).unwrap();
-            store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
+            store.write_vectors(0, &[&[1.0, 2.0]]).unwrap();
+            store.sync_vectors().unwrap();
+            store.apply(&[&StoreBatch { removals: vec![], items: vec![write(0, "x", &[3])] }], 1).unwrap();
+            catalog.sync().unwrap();
             assert!(matches!(catalog.create(&def("a", 2, 1), planes(&[0.0; 16])), Err(StoreError::AlreadyExists(_))));
         }
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
         assert_eq!(catalog.list().unwrap(), vec![def("a", 2, 1)]);
         let store = catalog.open("a").unwrap().unwrap();
         assert_eq!(store.hyperplanes().unwrap(), vec![1.5; 16]);
-        assert_eq!(ids_in_bucket(&*store, 0, 3), ["x"]);
+        assert_eq!(bucket(&*store, 0, 3), [0]);
         assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
         store.destroy().unwrap();
-        assert!(matches!(store.upsert(&[item("y", &[1], &[0.0, 0.0])]), Err(StoreError::Dropped(_))));
+        assert!(matches!(store.write_vectors(1, &[&[0.0, 0.0]]), Err(StoreError::Dropped(_))));
         assert!(catalog.open("a").unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path().join("vectors")).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn checkpoint_after_close_keeps_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.create(&def("a", 2, 1), planes(&[1.0; 16])).unwrap();
-        store.upsert(&[item("x", &[3], &[1.0, 2.0])]).unwrap();
-        drop(store);
-        drop(catalog);
-        SledCatalog::checkpoint(dir.path()).unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        let store = catalog.open("a").unwrap().unwrap();
-        assert_eq!(ids_in_bucket(&*store, 0, 3), ["x"]);
-        assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
-    }
-
-    #[test]
-    fn sketches_persist_and_indexes_may_keep_no_vectors() {
-        let dir = tempfile::tempdir().unwrap();
-        let lean = IndexDef { sketch_bits: 128, stores_vectors: false, ..def("lean", 2, 1) };
-        let sketch_planes = [0.5f32; 2 * 128];
-        {
-            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-            let params = IndexParams { hyperplanes: &[1.0; 16], center: None, sketch_planes: Some(&sketch_planes) };
-            let store = catalog.create(&lean, params).unwrap();
-            let with_sketch = |id: &str, words: [u64; 2]| NewItem { sketch: words.to_vec(), ..item(id, &[1], &[]) };
-            store.upsert(&[with_sketch("a", [1, 2]), with_sketch("b", [3, 4])]).unwrap();
-            store.upsert(&[with_sketch("a", [5, 6])]).unwrap();
-            let wrong = NewItem { sketch: vec![1], ..item("c", &[1], &[]) };
-            assert!(matches!(store.upsert(&[wrong]), Err(StoreError::Corrupt(_))));
-            assert!(matches!(store.vector(0), Err(StoreError::VectorsNotStored(_))));
-            assert_eq!(live(&*store), [0b110], "a's first record (item 0) is dead");
-        }
-        let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
-        assert_eq!(catalog.list().unwrap(), vec![lean]);
-        let store = catalog.open("lean").unwrap().unwrap();
-        assert_eq!(store.sketch_planes().unwrap().unwrap(), sketch_planes);
-        let mut words = Vec::new();
-        store.with_sketches(&mut |s| words = s.words.to_vec());
-        // Items 0 and 1, then a's replacement as item 2; the refused batch left nothing.
-        assert_eq!(words, [1, 2, 3, 4, 5, 6]);
-        assert_eq!(bucket(&*store, 0, 1), [1, 2]);
-        assert_eq!(live(&*store), [0b110], "liveness read back from the buckets");
-        assert_eq!(store.delete(&["b".into()]).unwrap(), 1);
-        assert_eq!(live(&*store), [0b100]);
-        let with_sketch = |id: &str, words: [u64; 2]| NewItem { sketch: words.to_vec(), ..item(id, &[1], &[]) };
-        store.upsert(&[with_sketch("c", [7, 8])]).unwrap();
-        assert_eq!(live(&*store), [0b1100]);
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("vectors")).unwrap().map(|f| f.unwrap().path()).collect();
-        assert!(files.iter().all(|f| f.extension().is_some_and(|x| x == "sketch")), "{files:?}");
     }
 
     #[test]

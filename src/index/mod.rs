@@ -1,9 +1,24 @@
 //! The domain: named indexes of embeddings, hashed by random-hyperplane LSH over a store.
 //! Blocking code (matrix products and store I/O): async callers run it on a blocking thread.
+//!
+//! Writes go through the data directory's log (`commit`: group commit, acknowledged once
+//! durable; `apply`: into the store in large groups later). Queries read the query state that
+//! the index owns (`state`: liveness, sketches, the logged tail) over the store's applied data.
+
+mod apply;
+mod commit;
+mod state;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+
+pub use commit::WriteOptions;
+use commit::{LogShared, PreparedItem, WriteRequest};
+use state::{QueryState, TailId};
 
 use ndarray::Array2;
 
@@ -11,7 +26,7 @@ use crate::lsh::{
     AsymmetricQuery, Hyperplanes, LshError, LshShape, VoteCounter, cosine, draw_sketch_planes, estimated_cosine,
     hamming, nearest_sketches, probe_codes, rescore_nearest, sketch_shape,
 };
-use crate::store::{Catalog, IndexDef, IndexParams, IndexStore, NewItem, StoreError};
+use crate::store::{Catalog, IndexDef, IndexParams, IndexStore, Position, StoreError, StoredItem, Wal};
 
 /// Defaults chosen from BENCHMARKS.md: the smallest configuration that reaches recall@10 ≥ 0.9
 /// on Fashion-MNIST embeddings with the model's center, sketch pre-ranking and exact re-ranking.
@@ -51,6 +66,9 @@ pub enum IndexError {
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),
+    /// The server is shutting down: writes are no longer taken.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -177,30 +195,92 @@ pub struct QueryResult {
     pub plan: SearchPlan,
 }
 
-/// All indexes of one data directory.
+/// How an engine runs; `Default` holds the measured defaults.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Largest index (bytes of sketches) that `SearchPlan::Auto` answers by a full scan (0: never).
+    pub full_scan_threshold: u64,
+    pub write: WriteOptions,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { full_scan_threshold: DEFAULT_FULL_SCAN_THRESHOLD_BYTES, write: WriteOptions::default() }
+    }
+}
+
+/// All indexes of one data directory, with its write-ahead log and the threads that write it
+/// (group commit) and apply it to the store.
 pub struct Engine {
     catalog: Arc<dyn Catalog>,
     open: Mutex<HashMap<String, Arc<Index>>>,
+    log: Arc<LogShared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    applier: Mutex<Option<JoinHandle<()>>>,
     default_dim: u32,
     full_scan_threshold: u64,
 }
 
+/// What opening an engine found in its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Logged batches taken back in (acknowledged, not yet applied to the store).
+    pub replayed: usize,
+}
+
 impl Engine {
-    /// `default_dim` is the dimension a create with `dim = 0` gets (the default model's).
-    pub fn new(catalog: Arc<dyn Catalog>, default_dim: u32) -> Self {
-        Self {
-            catalog,
-            open: Mutex::new(HashMap::new()),
-            default_dim,
-            full_scan_threshold: DEFAULT_FULL_SCAN_THRESHOLD_BYTES,
-        }
+    /// Opens every index of `catalog` with the log in `log_dir`. `default_dim` is the dimension a
+    /// create with `dim = 0` gets (the default model's).
+    pub fn open(catalog: Arc<dyn Catalog>, log_dir: &Path, default_dim: u32) -> Result<Self, IndexError> {
+        Self::open_with(catalog, log_dir, default_dim, EngineOptions::default()).map(|(engine, _)| engine)
     }
 
-    /// Indexes whose sketches take at most `bytes` answer `SearchPlan::Auto` queries by a full
-    /// scan (0: never). Set before any index is opened.
-    pub fn with_full_scan_threshold(mut self, bytes: u64) -> Self {
-        self.full_scan_threshold = bytes;
-        self
+    pub fn open_with(
+        catalog: Arc<dyn Catalog>,
+        log_dir: &Path,
+        default_dim: u32,
+        options: EngineOptions,
+    ) -> Result<(Self, Recovery), IndexError> {
+        let (wal, records) = Wal::open(log_dir, options.write.segment_bytes)?;
+        let log = Arc::new(LogShared::new(catalog.clone(), wal, options.write.clone()));
+        let mut open = HashMap::new();
+        let mut by_uid = HashMap::new();
+        for def in catalog.list()? {
+            let store = catalog.open(&def.name)?.ok_or_else(|| IndexError::NotFound(def.name.clone()))?;
+            let (index, applied) = Index::open(store, log.clone(), options.full_scan_threshold)?;
+            by_uid.insert(index.store.uid(), (index.clone(), applied));
+            open.insert(def.name, index);
+        }
+        let replayed = commit::replay(&records, &by_uid)?;
+        for index in open.values() {
+            log.register(index.clone());
+        }
+        let (sender, submissions) = std::sync::mpsc::channel();
+        log.set_sender(Some(sender));
+        let writer = {
+            let log = log.clone();
+            std::thread::Builder::new()
+                .name("imagelsh-log".into())
+                .spawn(move || commit::run_writer(log, submissions))
+                .map_err(StoreError::Io)?
+        };
+        let applier = {
+            let log = log.clone();
+            std::thread::Builder::new()
+                .name("imagelsh-apply".into())
+                .spawn(move || apply::run_applier(log))
+                .map_err(StoreError::Io)?
+        };
+        let engine = Self {
+            catalog,
+            open: Mutex::new(open),
+            log,
+            writer: Mutex::new(Some(writer)),
+            applier: Mutex::new(Some(applier)),
+            default_dim,
+            full_scan_threshold: options.full_scan_threshold,
+        };
+        Ok((engine, Recovery { replayed }))
     }
 
     fn open_indexes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Index>>> {
@@ -239,38 +319,15 @@ impl Engine {
             sketch_planes: Some(&sketch.to_row_major()),
         };
         let store = self.catalog.create(&def, params)?;
-        let index =
-            Arc::new(Index { store, planes, sketch: Some(sketch), full_scan_threshold: self.full_scan_threshold });
+        let (index, _) = Index::open(store, self.log.clone(), self.full_scan_threshold)?;
+        self.log.register(index.clone());
         open.insert(spec.name, index.clone());
         index.info()
     }
 
-    /// The index of that name, opened on first use.
+    /// The open index of that name.
     pub fn index(&self, name: &str) -> Result<Arc<Index>, IndexError> {
-        let mut open = self.open_indexes();
-        if let Some(index) = open.get(name) {
-            return Ok(index.clone());
-        }
-        let store = self.catalog.open(name)?.ok_or_else(|| IndexError::NotFound(name.to_string()))?;
-        let def = store.def().clone();
-        let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
-        let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
-        let mut planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?).map_err(corrupt)?;
-        let mut sketch = match (def.sketch_bits, store.sketch_planes()?) {
-            (0, _) => None,
-            (bits, Some(matrix)) => {
-                let shape = sketch_shape(shape.dim, bits).map_err(corrupt)?;
-                Some(Hyperplanes::from_row_major(shape, matrix).map_err(corrupt)?)
-            }
-            (_, None) => return Err(StoreError::Corrupt(format!("index {name:?} lacks its sketch hyperplanes")).into()),
-        };
-        if let Some(center) = store.center()? {
-            planes = planes.with_center(&center).map_err(corrupt)?;
-            sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
-        }
-        let index = Arc::new(Index { store, planes, sketch, full_scan_threshold: self.full_scan_threshold });
-        open.insert(name.to_string(), index.clone());
-        Ok(index)
+        self.open_indexes().get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))
     }
 
     pub fn list(&self) -> Result<Vec<IndexInfo>, IndexError> {
@@ -279,15 +336,61 @@ impl Engine {
     }
 
     pub fn drop_index(&self, name: &str) -> Result<(), IndexError> {
-        let index = self.index(name)?;
         let mut open = self.open_indexes();
+        let index = open.get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))?;
+        index.dropped.store(true, Ordering::Release);
+        self.log.unregister(index.store.uid());
         index.store.destroy()?;
         open.remove(name);
         Ok(())
     }
 
-    pub fn flush(&self) -> Result<(), IndexError> {
-        Ok(self.catalog.flush()?)
+    /// Applies every logged batch to the store now (tests, benchmarks, backups).
+    pub fn apply_now(&self) -> Result<(), IndexError> {
+        while self.log.pending() > 0 {
+            apply::apply_pending(&self.log)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the write-ahead log holds on disk.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.log_bytes()
+    }
+
+    /// Stops taking writes, applies everything logged to the store, syncs it and stops the
+    /// threads; later writes fail with `Unavailable`. Also run (errors ignored) on drop.
+    pub fn close(&self) -> Result<(), IndexError> {
+        self.log.set_sender(None);
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+        self.log.signal().stop = true;
+        self.log.work.notify_all();
+        self.log.room.notify_all();
+        let applier = self.applier.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(applier) = applier {
+            let _ = applier.join();
+        }
+        let result = self.catalog.sync().map_err(IndexError::from);
+        let pending = self.log.pending();
+        self.log.clear();
+        result?;
+        if pending > 0 {
+            return Err(IndexError::Unavailable(format!(
+                "{pending} logged writes were not applied; the next start takes them from the log"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            tracing::warn!(%error, "closing the engine");
+        }
     }
 }
 
@@ -304,7 +407,7 @@ fn validate_name(name: &str) -> Result<(), IndexError> {
     }
 }
 
-/// One open index: its hyperplanes in memory, its data in the store.
+/// One open index: its hyperplanes and query state in memory, its data in the store.
 pub struct Index {
     store: Arc<dyn IndexStore>,
     planes: Hyperplanes,
@@ -312,6 +415,9 @@ pub struct Index {
     sketch: Option<Hyperplanes>,
     /// Bytes of sketches up to which `SearchPlan::Auto` scans.
     full_scan_threshold: u64,
+    state: RwLock<QueryState>,
+    log: Arc<LogShared>,
+    dropped: AtomicBool,
 }
 
 thread_local! {
@@ -320,12 +426,66 @@ thread_local! {
 }
 
 impl Index {
+    /// The index over `store`, with its query state loaded; also returns the store's applied
+    /// log position.
+    fn open(
+        store: Arc<dyn IndexStore>,
+        log: Arc<LogShared>,
+        full_scan_threshold: u64,
+    ) -> Result<(Arc<Self>, Position), IndexError> {
+        let def = store.def().clone();
+        let name = &def.name;
+        let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
+        let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
+        let mut planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?).map_err(corrupt)?;
+        let mut sketch = match (def.sketch_bits, store.sketch_planes()?) {
+            (0, _) => None,
+            (bits, Some(matrix)) => {
+                let shape = sketch_shape(shape.dim, bits).map_err(corrupt)?;
+                Some(Hyperplanes::from_row_major(shape, matrix).map_err(corrupt)?)
+            }
+            (_, None) => return Err(StoreError::Corrupt(format!("index {name:?} lacks its sketch hyperplanes")).into()),
+        };
+        if let Some(center) = store.center()? {
+            planes = planes.with_center(&center).map_err(corrupt)?;
+            sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
+        }
+        let stored = store.load()?;
+        let applied = stored.applied;
+        let state = QueryState::new(stored, def.tables as usize, def.sketch_bits as usize / 64);
+        let index = Self {
+            store,
+            planes,
+            sketch,
+            full_scan_threshold,
+            state: RwLock::new(state),
+            log,
+            dropped: AtomicBool::new(false),
+        };
+        Ok((Arc::new(index), applied))
+    }
+
+    pub(crate) fn state(&self) -> RwLockReadGuard<'_, QueryState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn state_mut(&self) -> RwLockWriteGuard<'_, QueryState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn check_not_dropped(&self) -> Result<(), IndexError> {
+        match self.dropped.load(Ordering::Acquire) {
+            true => Err(IndexError::NotFound(self.def().name.clone())),
+            false => Ok(()),
+        }
+    }
+
     pub fn def(&self) -> &IndexDef {
         self.store.def()
     }
 
     pub fn info(&self) -> Result<IndexInfo, IndexError> {
-        Ok(IndexInfo { def: self.def().clone(), items: self.store.len()?, centered: self.planes.is_centered() })
+        Ok(IndexInfo { def: self.def().clone(), items: self.state().count(), centered: self.planes.is_centered() })
     }
 
     /// Whether embeddings of `model` (of dimension `dim`) belong in this index.
@@ -371,9 +531,9 @@ impl Index {
         self.check_vector(&item.vector)
     }
 
-    /// Indexes the valid items (with their positions in the request) in one atomic, durable
-    /// write; invalid ones come back as failures.
-    pub fn ingest(&self, items: Vec<(u32, VectorItem)>) -> Result<IngestOutcome, IndexError> {
+    /// Indexes the valid items (with their positions in the request) in one atomic write,
+    /// durable when this returns; invalid ones come back as failures.
+    pub fn ingest(self: &Arc<Self>, items: Vec<(u32, VectorItem)>) -> Result<IngestOutcome, IndexError> {
         let mut outcome = IngestOutcome::default();
         let mut valid = Vec::with_capacity(items.len());
         for (position, item) in items {
@@ -388,10 +548,10 @@ impl Index {
         let batch = self.batch(valid.iter().map(|i| i.vector.as_slice()), valid.len())?;
         let codes = self.planes.codes(batch.view())?;
         let sketches = self.sketch.as_ref().map(|s| s.codes(batch.view())).transpose()?;
-        let new_items: Vec<NewItem> = valid
+        let prepared: Vec<PreparedItem> = valid
             .into_iter()
             .enumerate()
-            .map(|(row, item)| NewItem {
+            .map(|(row, item)| PreparedItem {
                 id: item.id,
                 label: item.label,
                 metadata: item.metadata,
@@ -400,8 +560,9 @@ impl Index {
                 vector: item.vector,
             })
             .collect();
-        self.store.upsert(&new_items)?;
-        outcome.indexed = new_items.len() as u32;
+        let count = prepared.len() as u32;
+        self.log.submit(self.clone(), WriteRequest::Upsert(prepared))?;
+        outcome.indexed = count;
         Ok(outcome)
     }
 
@@ -413,8 +574,43 @@ impl Index {
         Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))
     }
 
-    pub fn delete(&self, ids: &[String]) -> Result<usize, IndexError> {
-        Ok(self.store.delete(ids)?)
+    /// Deletes the items with these ids, durably; returns how many existed.
+    pub fn delete(self: &Arc<Self>, ids: &[String]) -> Result<usize, IndexError> {
+        self.log.submit(self.clone(), WriteRequest::Delete(ids.to_vec()))
+    }
+
+    /// The live item an id names, logged or applied.
+    fn item_number(&self, id: &str) -> Result<Option<u32>, IndexError> {
+        match self.state().id(id) {
+            TailId::Live(number) => return Ok(Some(number)),
+            TailId::Deleted => return Ok(None),
+            TailId::Unknown => {}
+        }
+        // Not in the tail: the store has it (a batch leaves the tail only once applied).
+        Ok(self.store.item_number(id)?)
+    }
+
+    /// The items with these numbers: logged ones from the tail, the rest from the store.
+    fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, IndexError> {
+        let mut items = Vec::with_capacity(numbers.len());
+        let mut applied = Vec::new();
+        {
+            let state = self.state();
+            for &number in numbers {
+                match state.tail_item(number) {
+                    Some(it) => items.push(StoredItem {
+                        number,
+                        id: it.id.clone(),
+                        label: it.label.clone(),
+                        metadata: it.metadata.clone(),
+                        codes: it.codes.clone(),
+                    }),
+                    None => applied.push(number),
+                }
+            }
+        }
+        items.extend(self.store.items(&applied)?);
+        Ok(items)
     }
 
     pub fn query(&self, by: QueryBy, options: &QueryOptions) -> Result<QueryResult, IndexError> {
@@ -448,7 +644,6 @@ impl Index {
                     )));
                 }
                 let number = self
-                    .store
                     .item_number(&id)?
                     .ok_or_else(|| IndexError::ItemNotFound { index: self.def().name.clone(), id: id.clone() })?;
                 (self.store.vector(number)?, Some(number))
@@ -488,8 +683,7 @@ impl Index {
                 Some(_) => "a scan ranks by similarity: it needs rerank and no min_votes".into(),
             })),
             SearchPlan::Auto => {
-                let mut bytes = 0;
-                self.store.with_sketches(&mut |view| bytes = 8 * view.words.len() as u64);
+                let bytes = 8 * self.state().sketches().len() as u64;
                 let small = self.full_scan_threshold > 0 && bytes <= self.full_scan_threshold;
                 Ok(if scannable && small { SearchPlan::Scan } else { SearchPlan::Tables })
             }
@@ -518,12 +712,13 @@ impl Index {
         let sketch = self.sketch.as_ref().ok_or_else(|| IndexError::InvalidArgument("no sketches to scan".into()))?;
         let query = QuerySketch::new(sketch, vector)?;
         let (preselect, keep) = self.sketch_depths(top_k, depth);
-        let (mut nearest, mut scanned) = (Vec::new(), 0u32);
-        self.store.with_sketches(&mut |view| {
-            let by_hamming = nearest_sketches(&query.words, view.words, view.live, exclude, preselect);
-            nearest = query.rescore(view.words, by_hamming, |&(number, _)| number, keep);
-            scanned = view.live.iter().map(|w| w.count_ones()).sum();
-        });
+        let (nearest, scanned) = {
+            let state = self.state();
+            let (words, live) = (state.sketches(), state.live_words());
+            let by_hamming = nearest_sketches(&query.words, words, live, exclude, preselect);
+            let scanned: u32 = live.iter().map(|w| w.count_ones()).sum();
+            (query.rescore(words, by_hamming, |&(number, _)| number, keep), scanned)
+        };
         // Votes are counted below, for the hits alone.
         let ranked = self.similarities(vector, nearest.into_iter().map(|(number, d)| (d, number, 0)).collect())?;
         let mut probed = self.probed_codes(vector, probes)?;
@@ -554,14 +749,30 @@ impl Index {
         Ok(probed)
     }
 
-    /// Adds the buckets of the query's codes, and `probes` more per table, to `votes`.
+    /// Adds the live items of the buckets of the query's codes, and `probes` more per table,
+    /// to `votes`: the store's applied part of each bucket and the logged tail's.
     fn gather_votes(&self, vector: &[f32], probes: u32, votes: &mut VoteCounter) -> Result<(), IndexError> {
+        let probed = self.probed_codes(vector, probes)?;
+        // The tail's part first, the store's second (see `QueryState::tail_bucket`).
+        let tails: Vec<Vec<Vec<u32>>> = {
+            let state = self.state();
+            let tail_of = |(table, codes): (usize, &Vec<u64>)| -> Vec<Vec<u32>> {
+                codes.iter().map(|&code| state.tail_bucket(table, code).to_vec()).collect()
+            };
+            probed.iter().enumerate().map(tail_of).collect()
+        };
         let mut bucket = Vec::new();
-        for (table, codes) in self.probed_codes(vector, probes)?.into_iter().enumerate() {
+        for (table, (codes, tails)) in probed.iter().zip(&tails).enumerate() {
             // An item is in one bucket per table, so visiting several counts it at most once.
-            for code in codes {
+            for (&code, tail) in codes.iter().zip(tails) {
                 bucket.clear();
                 self.store.bucket(table as u16, code, &mut bucket)?;
+                let applied_up_to = bucket.iter().max().copied();
+                bucket.extend(tail.iter().filter(|&&n| applied_up_to.is_none_or(|highest| n > highest)));
+                // Items replaced or deleted since the store's copy was written.
+                let state = self.state();
+                bucket.retain(|&n| state.is_live(n));
+                drop(state);
                 votes.add_bucket(&bucket);
             }
         }
@@ -604,8 +815,9 @@ impl Index {
         let words = query.words.len();
         let (preselect, keep) = self.sketch_depths(top_k, depth);
         let mut by_distance: Vec<(u32, u32, u32)> = Vec::new();
-        self.store.with_sketches(&mut |view| {
-            let sketches = view.words;
+        {
+            let state = self.state();
+            let sketches = state.sketches();
             votes.for_each_at_least(min_votes, |number, votes| {
                 let start = number as usize * words;
                 // An item without a sketch (not expected) ranks last rather than failing the query.
@@ -614,7 +826,7 @@ impl Index {
             });
             nearest(&mut by_distance, preselect, bits);
             by_distance = query.rescore(sketches, std::mem::take(&mut by_distance), |&(_, number, _)| number, keep);
-        });
+        }
         Ok(best_first(self.similarities(vector, by_distance)?, top_k))
     }
 
@@ -651,7 +863,6 @@ impl Index {
         let by_number: HashMap<u32, Ranked> = ranked.iter().map(|r| (r.number, *r)).collect();
         let tables = self.def().tables as f32;
         let mut hits: Vec<Hit> = self
-            .store
             .items(&numbers)?
             .into_iter()
             .map(|item| {
@@ -762,7 +973,8 @@ mod tests {
     use crate::store::{SledCatalog, SledOptions};
 
     fn engine(dir: &std::path::Path) -> Engine {
-        Engine::new(Arc::new(SledCatalog::open(dir, &SledOptions { fsync: false, ..Default::default() }).unwrap()), 4)
+        let catalog = SledCatalog::open(dir, &SledOptions { fsync: false, ..Default::default() }).unwrap();
+        Engine::open(Arc::new(catalog), &dir.join("wal"), 4).unwrap()
     }
 
     fn vec_item(id: &str, v: &[f32]) -> VectorItem {
@@ -982,13 +1194,13 @@ mod tests {
         let (mut rescore_mattered, mut preselection_mattered) = (false, false);
         for query in queries {
             let sketch = QuerySketch::new(index.sketch.as_ref().unwrap(), &query).unwrap();
-            let (mut preselected, mut by_hamming, mut expected) = (Vec::new(), Vec::new(), Vec::new());
-            index.store.with_sketches(&mut |view| {
-                preselected =
-                    nearest_sketches(&sketch.words, view.words, view.live, None, depth * ASYMMETRIC_PRESELECTION);
-                expected = sketch.rescore(view.words, preselected.clone(), |&(number, _)| number, depth);
-                by_hamming = nearest_sketches(&sketch.words, view.words, view.live, None, depth);
-            });
+            let (preselected, by_hamming, expected) = {
+                let state = index.state();
+                let (words, live) = (state.sketches(), state.live_words());
+                let preselected = nearest_sketches(&sketch.words, words, live, None, depth * ASYMMETRIC_PRESELECTION);
+                let expected = sketch.rescore(words, preselected.clone(), |&(number, _)| number, depth);
+                (preselected, nearest_sketches(&sketch.words, words, live, None, depth), expected)
+            };
             rescore_mattered |= expected != by_hamming;
             let mut exact: Vec<(f32, u32)> = preselected
                 .iter()
@@ -999,8 +1211,7 @@ mod tests {
             exact_best.sort_unstable();
             let numbers: Vec<u32> = expected.iter().map(|&(number, _)| number).collect();
             preselection_mattered |= exact_best != numbers;
-            let mut expected_ids: Vec<String> =
-                index.store.items(&numbers).unwrap().into_iter().map(|i| i.id).collect();
+            let mut expected_ids: Vec<String> = index.items(&numbers).unwrap().into_iter().map(|i| i.id).collect();
             expected_ids.sort();
             for plan in [SearchPlan::Scan, SearchPlan::Tables] {
                 let options = QueryOptions {
@@ -1114,7 +1325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let catalog =
             Arc::new(SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap());
-        let e = Engine::new(catalog.clone(), 4);
+        let e = Engine::open(catalog.clone(), &dir.path().join("wal"), 4).unwrap();
         e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 4, ..Default::default() }).unwrap();
         let index = e.index("a").unwrap();
         index.ingest(spread(50, 4)).unwrap();
@@ -1130,7 +1341,8 @@ mod tests {
         // Over the threshold (here: any sketches at all), AUTO reads the tables.
         drop(index);
         drop(e);
-        let e = Engine::new(catalog, 4).with_full_scan_threshold(0);
+        let options = EngineOptions { full_scan_threshold: 0, ..Default::default() };
+        let (e, _) = Engine::open_with(catalog, &dir.path().join("wal"), 4, options).unwrap();
         let index = e.index("a").unwrap();
         assert_eq!(index.query(q(), &QueryOptions::default()).unwrap().plan, SearchPlan::Tables);
         assert_eq!(index.query(q(), &scan()).unwrap().plan, SearchPlan::Scan);

@@ -1,0 +1,84 @@
+//! The applier: moves logged batches into the store in large groups, so that each bucket chunk
+//! is rewritten once per group rather than once per batch. Each index's group is one atomic
+//! store write that records the group's last log position; once the store has synced, the
+//! query state forgets those batches and log segments behind every index are deleted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::IndexError;
+use super::commit::LogShared;
+use crate::store::StoreError;
+
+/// Runs until told to stop, and then applies everything still pending before it returns.
+pub(crate) fn run_applier(shared: Arc<LogShared>) {
+    loop {
+        let stopping = {
+            let mut signal = shared.signal();
+            loop {
+                let pending = shared.pending();
+                if signal.stop {
+                    if pending == 0 {
+                        return;
+                    }
+                    break true;
+                }
+                let waited = signal.oldest.map_or(Duration::ZERO, |t| t.elapsed());
+                if pending >= shared.options.apply_after_operations
+                    || (pending > 0 && waited >= shared.options.apply_delay)
+                {
+                    break false;
+                }
+                let timeout = if pending > 0 { shared.options.apply_delay - waited } else { Duration::from_secs(1) };
+                signal = shared.work.wait_timeout(signal, timeout).unwrap_or_else(|e| e.into_inner()).0;
+            }
+        };
+        match apply_pending(&shared) {
+            Ok(()) => {}
+            Err(error) => {
+                tracing::error!(%error, "applying logged batches to the store failed; they stay in the log");
+                if stopping {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// One round: every index's oldest pending batches (up to `max_apply_operations`) into the
+/// store, one sync, then the query state and the log catch up.
+pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
+    let started = Instant::now();
+    let mut applied = Vec::new();
+    let mut operations = 0;
+    for index in shared.indexes() {
+        let batches = index.state().unapplied(shared.options.max_apply_operations);
+        let Some(&(last, _)) = batches.last() else { continue };
+        let refs: Vec<_> = batches.iter().map(|(_, b)| &**b).collect();
+        match index.store.apply(&refs, last) {
+            Ok(()) => {
+                operations += refs.iter().map(|b| b.items.len() + b.removals.len()).sum::<usize>();
+                applied.push((index, last));
+            }
+            // Dropped meanwhile: its batches go with it.
+            Err(StoreError::Dropped(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if applied.is_empty() {
+        return Ok(());
+    }
+    shared.catalog.sync()?;
+    for (index, last) in &applied {
+        index.state_mut().applied(*last);
+    }
+    shared.drop_applied_log()?;
+    {
+        let mut signal = shared.signal();
+        signal.oldest = (shared.pending() > 0).then(Instant::now);
+    }
+    shared.room.notify_all();
+    tracing::debug!(operations, ms = started.elapsed().as_millis() as u64, "applied logged batches");
+    Ok(())
+}

@@ -1,0 +1,469 @@
+//! Group commit: one writer per data directory takes the batches of every stream and index in
+//! flight, gives their items numbers, writes their embeddings, and makes them all durable with
+//! one fsync sequence (embeddings first, then the log), then acknowledges each. Only then does
+//! the index's query state take them in: queries see exactly what was acknowledged.
+//!
+//! The applier (`apply.rs`) later moves logged batches into the store in large groups; at start
+//! the log's tail past each index's applied position is taken back in (`replay`).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use super::state::TailId;
+use super::{Index, IndexError};
+use crate::storage_proto::{LogBatch, LoggedItem, LoggedRemoval};
+use crate::store::{Catalog, ItemWrite, LogRecord, Position, Removal, StoreBatch, StoreError, Wal};
+
+/// How the write path trades memory and restart time for throughput; see `Default` for the
+/// measured reasons.
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// A log segment is closed (and may be deleted once applied) past this size.
+    pub segment_bytes: u64,
+    /// The applier starts once this many item writes and removals are pending…
+    pub apply_after_operations: usize,
+    /// …or once the oldest pending one has waited this long.
+    pub apply_delay: Duration,
+    /// Item writes and removals applied to the store in one atomic write at most.
+    pub max_apply_operations: usize,
+    /// Writers wait while this many are pending: it bounds the tail replayed at start and the
+    /// memory the tail takes.
+    pub max_lag_operations: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 32 << 20,
+            apply_after_operations: 32_768,
+            apply_delay: Duration::from_millis(500),
+            max_apply_operations: 65_536,
+            max_lag_operations: 262_144,
+        }
+    }
+}
+
+/// An item ready to be written: validated, hashed and sketched.
+#[derive(Debug, Clone)]
+pub(crate) struct PreparedItem {
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+    pub codes: Vec<u64>,
+    pub sketch: Vec<u64>,
+    pub vector: Vec<f32>,
+}
+
+pub(crate) enum WriteRequest {
+    /// Items in request order: of a repeated id the last wins.
+    Upsert(Vec<PreparedItem>),
+    Delete(Vec<String>),
+}
+
+/// Items written, or ids found and deleted.
+pub(crate) type WriteOutcome = usize;
+
+pub(crate) struct Submission {
+    index: Arc<Index>,
+    request: WriteRequest,
+    reply: mpsc::SyncSender<Result<WriteOutcome, IndexError>>,
+}
+
+/// What the writer thread, the applier and the indexes share.
+pub(crate) struct LogShared {
+    pub(crate) catalog: Arc<dyn Catalog>,
+    pub(crate) options: WriteOptions,
+    wal: Mutex<LogFile>,
+    /// Open indexes by store uid: the applier's work list.
+    indexes: Mutex<HashMap<u64, Arc<Index>>>,
+    sender: Mutex<Option<mpsc::Sender<Submission>>>,
+    signal: Mutex<Signal>,
+    /// Wakes the applier (work logged, or stop).
+    pub(crate) work: Condvar,
+    /// Wakes writers waiting for the applier to catch up.
+    pub(crate) room: Condvar,
+}
+
+struct LogFile {
+    wal: Wal,
+    /// Set when a write or fsync of the log failed: what reached the disk is then unknown (a
+    /// failed fsync may have dropped the pages), so nothing more is acknowledged until restart.
+    failed: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    pub(crate) stop: bool,
+    /// When the oldest batch not yet applied was logged.
+    pub(crate) oldest: Option<Instant>,
+}
+
+impl LogShared {
+    pub(crate) fn new(catalog: Arc<dyn Catalog>, wal: Wal, options: WriteOptions) -> Self {
+        Self {
+            catalog,
+            options,
+            wal: Mutex::new(LogFile { wal, failed: false }),
+            indexes: Mutex::new(HashMap::new()),
+            sender: Mutex::new(None),
+            signal: Mutex::new(Signal::default()),
+            work: Condvar::new(),
+            room: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn signal(&self) -> MutexGuard<'_, Signal> {
+        self.signal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn indexes(&self) -> Vec<Arc<Index>> {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    pub(crate) fn register(&self, index: Arc<Index>) {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).insert(index.store.uid(), index);
+    }
+
+    pub(crate) fn unregister(&self, uid: u64) {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+        self.room.notify_all();
+    }
+
+    pub(crate) fn clear(&self) {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Item writes and removals logged and not yet applied, over all indexes.
+    pub(crate) fn pending(&self) -> usize {
+        self.indexes().iter().map(|i| i.state().pending()).sum()
+    }
+
+    /// Deletes log segments that every open index has applied.
+    pub(crate) fn drop_applied_log(&self) -> Result<(), StoreError> {
+        let first_needed = self.indexes().iter().filter_map(|i| i.state().first_pending()).min();
+        let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let keep_from = first_needed.unwrap_or(log.wal.next_position());
+        log.wal.remove_before(keep_from)?;
+        Ok(())
+    }
+
+    /// Bytes the log holds on disk.
+    pub(crate) fn log_bytes(&self) -> u64 {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.bytes()
+    }
+
+    pub(crate) fn set_sender(&self, sender: Option<mpsc::Sender<Submission>>) {
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = sender;
+    }
+
+    /// Hands a write to the writer thread and waits until it is durable (or refused).
+    pub(crate) fn submit(&self, index: Arc<Index>, request: WriteRequest) -> Result<WriteOutcome, IndexError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let shutting_down = || IndexError::Unavailable("the server is shutting down".into());
+        sender.ok_or_else(shutting_down)?.send(Submission { index, request, reply }).map_err(|_| shutting_down())?;
+        answer.recv().map_err(|_| shutting_down())?
+    }
+}
+
+/// Batches of one group, submissions beyond this wait for the next.
+const MAX_GROUP_SUBMISSIONS: usize = 256;
+/// Embedding bytes in one group at most (the writes before the fsync).
+const MAX_GROUP_VECTOR_BYTES: usize = 64 << 20;
+
+/// The writer thread: runs until every sender is gone.
+pub(crate) fn run_writer(shared: Arc<LogShared>, submissions: mpsc::Receiver<Submission>) {
+    while let Ok(first) = submissions.recv() {
+        let mut bytes = first.request.vector_bytes();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_SUBMISSIONS && bytes < MAX_GROUP_VECTOR_BYTES {
+            match submissions.try_recv() {
+                Ok(more) => {
+                    bytes += more.request.vector_bytes();
+                    group.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        wait_for_room(&shared);
+        commit_group(&shared, group);
+    }
+}
+
+impl WriteRequest {
+    fn vector_bytes(&self) -> usize {
+        match self {
+            Self::Upsert(items) => items.iter().map(|i| 4 * i.vector.len()).sum(),
+            Self::Delete(_) => 0,
+        }
+    }
+}
+
+/// Waits while the applier is too far behind (bounded: the tail replayed at start stays short).
+fn wait_for_room(shared: &LogShared) {
+    let max = shared.options.max_lag_operations;
+    let mut signal = shared.signal();
+    while !signal.stop && shared.pending() >= max {
+        shared.work.notify_all();
+        signal = shared.room.wait_timeout(signal, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+    }
+}
+
+/// Numbers and id fates decided earlier in the same group, per index uid.
+#[derive(Default)]
+struct GroupView {
+    next: HashMap<u64, u32>,
+    /// `None`: deleted in this group.
+    ids: HashMap<(u64, String), Option<CurrentItem>>,
+}
+
+/// The item an id names, with its codes (to take it out of its buckets).
+#[derive(Debug, Clone)]
+struct CurrentItem {
+    number: u32,
+    codes: Vec<u64>,
+}
+
+fn commit_group(shared: &LogShared, group: Vec<Submission>) {
+    let mut view = GroupView::default();
+    let mut ready: Vec<(Submission, StoreBatch, WriteOutcome)> = Vec::new();
+    for mut submission in group {
+        let request = std::mem::replace(&mut submission.request, WriteRequest::Delete(Vec::new()));
+        match prepare(&submission.index, request, &mut view) {
+            Ok((batch, outcome)) if batch.items.is_empty() && batch.removals.is_empty() => {
+                let _ = submission.reply.send(Ok(outcome));
+            }
+            Ok((batch, outcome)) => ready.push((submission, batch, outcome)),
+            Err(e) => {
+                let _ = submission.reply.send(Err(e));
+            }
+        }
+    }
+    // Embeddings before the log entries that make them count.
+    let mut synced: HashSet<u64> = HashSet::new();
+    let mut failed: HashMap<u64, String> = HashMap::new();
+    for (submission, _, _) in &ready {
+        let uid = submission.index.store.uid();
+        if synced.insert(uid)
+            && let Err(e) = submission.index.store.sync_vectors()
+        {
+            failed.insert(uid, e.to_string());
+        }
+    }
+    let (ready, refused): (Vec<_>, Vec<_>) =
+        ready.into_iter().partition(|(s, _, _)| !failed.contains_key(&s.index.store.uid()));
+    for (submission, _, _) in refused {
+        let message = failed[&submission.index.store.uid()].clone();
+        let _ = submission.reply.send(Err(IndexError::Store(StoreError::Io(std::io::Error::other(message)))));
+    }
+    if ready.is_empty() {
+        return;
+    }
+    let payloads: Vec<Vec<u8>> =
+        ready.iter().map(|(s, batch, _)| encode(s.index.store.uid(), batch).encode_to_vec()).collect();
+    let first = {
+        let mut log = shared.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let written = if log.failed {
+            Err(StoreError::Io(std::io::Error::other(
+                "an earlier write to the log failed; restart the server to recover what was acknowledged",
+            )))
+        } else {
+            log.wal.append(&payloads).and_then(|first| log.wal.sync().map(|()| first))
+        };
+        if written.is_err() {
+            log.failed = true;
+        }
+        written
+    };
+    let first = match first {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::error!(error = %e, "writing the log failed: nothing more is acknowledged");
+            let message = e.to_string();
+            for (submission, _, _) in ready {
+                let error = StoreError::Io(std::io::Error::other(message.clone()));
+                let _ = submission.reply.send(Err(IndexError::Store(error)));
+            }
+            return;
+        }
+    };
+    for ((submission, batch, outcome), position) in ready.into_iter().zip(first..) {
+        submission.index.state_mut().logged(position, Arc::new(batch));
+        let _ = submission.reply.send(Ok(outcome));
+    }
+    let mut signal = shared.signal();
+    signal.oldest.get_or_insert_with(Instant::now);
+    shared.work.notify_all();
+}
+
+/// Decides what a request does: item numbers, which items it replaces or deletes (with their
+/// codes, so that applying it reads no records), and writes the embeddings of new items.
+fn prepare(
+    index: &Index,
+    request: WriteRequest,
+    view: &mut GroupView,
+) -> Result<(StoreBatch, WriteOutcome), IndexError> {
+    index.check_not_dropped()?;
+    let uid = index.store.uid();
+    match request {
+        WriteRequest::Upsert(items) => {
+            // The last occurrence of a repeated id wins, as if the items were sent one by one.
+            let mut last: HashMap<&str, usize> = HashMap::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                last.insert(&item.id, i);
+            }
+            let keep: Vec<bool> = items.iter().enumerate().map(|(i, it)| last[it.id.as_str()] == i).collect();
+            let items: Vec<PreparedItem> = items.into_iter().zip(keep).filter(|(_, k)| *k).map(|(it, _)| it).collect();
+            let first = match view.next.get(&uid) {
+                Some(&next) => next,
+                None => index.state().next(),
+            };
+            let end = u32::try_from(u64::from(first) + items.len() as u64)
+                .map_err(|_| StoreError::ItemNumbersExhausted(index.def().name.clone()))?;
+            let mut batch = StoreBatch::default();
+            for (number, item) in (first..).zip(&items) {
+                if let Some(old) = current(index, uid, &item.id, view)? {
+                    batch.removals.push(Removal { number: old.number, codes: old.codes, deleted_id: None });
+                }
+                batch.items.push(Arc::new(ItemWrite {
+                    number,
+                    id: item.id.clone(),
+                    label: item.label.clone(),
+                    metadata: item.metadata.clone(),
+                    codes: item.codes.clone(),
+                    sketch: item.sketch.clone(),
+                }));
+            }
+            let vectors: Vec<&[f32]> = items.iter().map(|i| i.vector.as_slice()).collect();
+            index.store.write_vectors(first, &vectors)?;
+            for item in &batch.items {
+                view.ids.insert(
+                    (uid, item.id.clone()),
+                    Some(CurrentItem { number: item.number, codes: item.codes.clone() }),
+                );
+            }
+            view.next.insert(uid, end);
+            let written = batch.items.len();
+            Ok((batch, written))
+        }
+        WriteRequest::Delete(ids) => {
+            let mut batch = StoreBatch::default();
+            let unique: BTreeSet<String> = ids.into_iter().collect();
+            for id in unique {
+                if let Some(old) = current(index, uid, &id, view)? {
+                    view.ids.insert((uid, id.clone()), None);
+                    batch.removals.push(Removal { number: old.number, codes: old.codes, deleted_id: Some(id) });
+                }
+            }
+            let deleted = batch.removals.len();
+            Ok((batch, deleted))
+        }
+    }
+}
+
+/// The item an id names now (number and codes), counting what this group decided already and
+/// what is logged but not applied.
+fn current(index: &Index, uid: u64, id: &str, view: &GroupView) -> Result<Option<CurrentItem>, IndexError> {
+    if let Some(fate) = view.ids.get(&(uid, id.to_string())) {
+        return Ok(fate.clone());
+    }
+    let stored = {
+        let state = index.state();
+        match state.id(id) {
+            TailId::Deleted => return Ok(None),
+            TailId::Live(number) => {
+                let codes = state.tail_item(number).map(|it| it.codes.clone());
+                return codes
+                    .map(|codes| Some(CurrentItem { number, codes }))
+                    .ok_or_else(|| StoreError::Corrupt(format!("logged item {number} is missing")).into());
+            }
+            TailId::Unknown => index.store.item_number(id)?,
+        }
+    };
+    let Some(number) = stored else { return Ok(None) };
+    let item = index.store.items(&[number])?.pop();
+    let item = item.ok_or_else(|| StoreError::Corrupt(format!("item {number} has an id but no record")))?;
+    Ok(Some(CurrentItem { number, codes: item.codes }))
+}
+
+fn encode(index_uid: u64, batch: &StoreBatch) -> LogBatch {
+    LogBatch {
+        index_uid,
+        first: batch.items.first().map_or(0, |i| i.number),
+        items: batch
+            .items
+            .iter()
+            .map(|it| LoggedItem {
+                id: it.id.clone(),
+                label: it.label.clone(),
+                metadata: it.metadata.clone(),
+                codes: it.codes.clone(),
+                sketch: it.sketch.clone(),
+            })
+            .collect(),
+        removals: batch
+            .removals
+            .iter()
+            .map(|r| LoggedRemoval {
+                number: r.number,
+                codes: r.codes.clone(),
+                deleted_id: r.deleted_id.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError> {
+    let logged = LogBatch::decode(record.payload.as_slice())?;
+    let items = (logged.first..)
+        .zip(logged.items)
+        .map(|(number, it)| {
+            Arc::new(ItemWrite {
+                number,
+                id: it.id,
+                label: it.label,
+                metadata: it.metadata,
+                codes: it.codes,
+                sketch: it.sketch,
+            })
+        })
+        .collect();
+    let removals = logged
+        .removals
+        .into_iter()
+        .map(|r| Removal {
+            number: r.number,
+            codes: r.codes,
+            deleted_id: (!r.deleted_id.is_empty()).then_some(r.deleted_id),
+        })
+        .collect();
+    Ok((logged.index_uid, StoreBatch { removals, items }))
+}
+
+/// Takes the log's records back into the indexes' query state: those past each index's applied
+/// position (records of dropped indexes are skipped). Then cuts embedding files back to what
+/// was logged. Returns how many records were taken in.
+pub(crate) fn replay(
+    records: &[LogRecord],
+    indexes: &HashMap<u64, (Arc<Index>, Position)>,
+) -> Result<usize, IndexError> {
+    let mut taken = 0;
+    for record in records {
+        let (uid, batch) = decode(record)?;
+        let Some((index, applied)) = indexes.get(&uid) else { continue };
+        if record.position <= *applied {
+            continue;
+        }
+        index.state_mut().logged(record.position, Arc::new(batch));
+        taken += 1;
+    }
+    for (index, _) in indexes.values() {
+        let next = index.state().next();
+        index.store.cut_vectors(next)?;
+    }
+    Ok(taken)
+}

@@ -1,0 +1,237 @@
+//! An index's query-time state, in memory: which items are live, every item's sketch, and the
+//! batches that are logged (acknowledged) but not yet applied to the store. The store hands over
+//! what it has applied at open; the log writer adds each batch once it is durable, and the
+//! applier takes batches out once the store holds them. Queries see exactly what was
+//! acknowledged: the store's applied part, with this tail over it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::store::{ItemWrite, Position, StoreBatch, StoredState};
+
+#[derive(Debug, Default)]
+pub(crate) struct QueryState {
+    /// Bit `n % 64` of word `n / 64` is set while item `n` is live.
+    live: Vec<u64>,
+    count: u64,
+    /// The next item number to give out.
+    next: u32,
+    words_per_item: usize,
+    /// Item `n`'s sketch at words `n × words_per_item`; records of dead items stay.
+    sketches: Vec<u64>,
+    tail: Tail,
+}
+
+/// Logged batches not yet applied, and what queries need of them.
+#[derive(Debug, Default)]
+struct Tail {
+    batches: VecDeque<(Position, Arc<StoreBatch>)>,
+    items: HashMap<u32, Arc<ItemWrite>>,
+    /// The latest logged fate of each id the tail touches: its item, or `None` once deleted.
+    ids: HashMap<String, (Option<u32>, Position)>,
+    /// Per table, code → the tail's items in that bucket, in ascending number.
+    buckets: Vec<HashMap<u64, Vec<u32>>>,
+    /// Item writes and removals in `batches`.
+    operations: usize,
+}
+
+/// What the store knows of an id, as the tail sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TailId {
+    /// The tail does not touch the id: ask the store.
+    Unknown,
+    Live(u32),
+    Deleted,
+}
+
+impl QueryState {
+    pub(crate) fn new(stored: StoredState, tables: usize, words_per_item: usize) -> Self {
+        let mut live = stored.live;
+        live.resize((stored.next as usize).div_ceil(64), 0);
+        let tail = Tail { buckets: vec![HashMap::new(); tables], ..Default::default() };
+        Self { live, count: stored.count, next: stored.next, words_per_item, sketches: stored.sketches, tail }
+    }
+
+    pub(crate) fn is_live(&self, number: u32) -> bool {
+        self.live.get(number as usize / 64).is_some_and(|w| w & (1 << (number % 64)) != 0)
+    }
+
+    pub(crate) fn live_words(&self) -> &[u64] {
+        &self.live
+    }
+
+    pub(crate) fn sketches(&self) -> &[u64] {
+        &self.sketches
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub(crate) fn next(&self) -> u32 {
+        self.next
+    }
+
+    /// Item writes and removals logged but not applied.
+    pub(crate) fn pending(&self) -> usize {
+        self.tail.operations
+    }
+
+    /// The oldest logged batch not yet applied.
+    pub(crate) fn first_pending(&self) -> Option<Position> {
+        self.tail.batches.front().map(|(p, _)| *p)
+    }
+
+    pub(crate) fn id(&self, id: &str) -> TailId {
+        match self.tail.ids.get(id) {
+            None => TailId::Unknown,
+            Some((Some(number), _)) => TailId::Live(*number),
+            Some((None, _)) => TailId::Deleted,
+        }
+    }
+
+    /// A logged item not yet applied.
+    pub(crate) fn tail_item(&self, number: u32) -> Option<&Arc<ItemWrite>> {
+        self.tail.items.get(&number)
+    }
+
+    /// The tail's items in bucket `code` of `table`, in ascending number. Items are applied in
+    /// number order, so one of these at or below the highest number in the store's copy of the
+    /// bucket is one the store applied after this copy was taken: callers read this first and
+    /// the store second, and skip those (listed twice, its vote would count twice).
+    pub(crate) fn tail_bucket(&self, table: usize, code: u64) -> &[u32] {
+        self.tail.buckets.get(table).and_then(|b| b.get(&code)).map_or(&[], Vec::as_slice)
+    }
+
+    /// Takes in a batch that is now durable in the log at `position`.
+    pub(crate) fn logged(&mut self, position: Position, batch: Arc<StoreBatch>) {
+        for removal in &batch.removals {
+            if self.is_live(removal.number) {
+                self.live[removal.number as usize / 64] &= !(1 << (removal.number % 64));
+                self.count = self.count.saturating_sub(1);
+            }
+            if let Some(id) = &removal.deleted_id {
+                self.tail.ids.insert(id.clone(), (None, position));
+            }
+        }
+        for item in &batch.items {
+            let n = item.number;
+            let words = self.words_per_item;
+            let start = n as usize * words;
+            if self.sketches.len() < start + words && item.sketch.len() == words {
+                self.sketches.resize(start, 0);
+                self.sketches.extend_from_slice(&item.sketch);
+            }
+            self.live.resize(self.live.len().max((n as usize + 1).div_ceil(64)), 0);
+            self.live[n as usize / 64] |= 1 << (n % 64);
+            self.count += 1;
+            self.next = self.next.max(n + 1);
+            self.tail.items.insert(n, item.clone());
+            self.tail.ids.insert(item.id.clone(), (Some(n), position));
+            for (table, &code) in item.codes.iter().enumerate() {
+                if let Some(buckets) = self.tail.buckets.get_mut(table) {
+                    buckets.entry(code).or_default().push(n);
+                }
+            }
+        }
+        self.tail.operations += batch.items.len() + batch.removals.len();
+        self.tail.batches.push_back((position, batch));
+    }
+
+    /// The logged batches not yet applied, with their positions, oldest first, at most about
+    /// `max_operations` item writes and removals (never none when any are pending).
+    pub(crate) fn unapplied(&self, max_operations: usize) -> Vec<(Position, Arc<StoreBatch>)> {
+        let mut taken = 0;
+        let mut out = Vec::new();
+        for (position, batch) in &self.tail.batches {
+            if !out.is_empty() && taken + batch.items.len() + batch.removals.len() > max_operations {
+                break;
+            }
+            taken += batch.items.len() + batch.removals.len();
+            out.push((*position, batch.clone()));
+        }
+        out
+    }
+
+    /// Forgets the batches up to `position`: the store holds them now.
+    pub(crate) fn applied(&mut self, position: Position) {
+        while let Some((p, _)) = self.tail.batches.front()
+            && *p <= position
+        {
+            let Some((_, batch)) = self.tail.batches.pop_front() else { break };
+            self.tail.operations -= batch.items.len() + batch.removals.len();
+            for item in &batch.items {
+                self.tail.items.remove(&item.number);
+                self.forget_id(&item.id, position);
+                for (table, &code) in item.codes.iter().enumerate() {
+                    let Some(buckets) = self.tail.buckets.get_mut(table) else { continue };
+                    if let Some(members) = buckets.get_mut(&code) {
+                        members.retain(|&m| m != item.number);
+                        if members.is_empty() {
+                            buckets.remove(&code);
+                        }
+                    }
+                }
+            }
+            for removal in &batch.removals {
+                if let Some(id) = &removal.deleted_id {
+                    self.forget_id(id, position);
+                }
+            }
+        }
+    }
+
+    fn forget_id(&mut self, id: &str, applied: Position) {
+        if self.tail.ids.get(id).is_some_and(|(_, p)| *p <= applied) {
+            self.tail.ids.remove(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Removal;
+
+    fn write(number: u32, id: &str, codes: &[u64]) -> Arc<ItemWrite> {
+        Arc::new(ItemWrite {
+            number,
+            id: id.into(),
+            label: String::new(),
+            metadata: HashMap::new(),
+            codes: codes.to_vec(),
+            sketch: vec![number as u64],
+        })
+    }
+
+    #[test]
+    fn the_tail_shows_logged_batches_until_they_are_applied() {
+        let stored = StoredState { next: 2, count: 2, applied: 0, live: vec![0b11], sketches: vec![10, 11] };
+        let mut state = QueryState::new(stored, 2, 1);
+        let first = StoreBatch { removals: vec![], items: vec![write(2, "c", &[5, 6]), write(3, "d", &[5, 7])] };
+        state.logged(1, Arc::new(first));
+        // "a" (item 0) replaced by item 4, "b" (item 1) deleted.
+        let second = StoreBatch {
+            removals: vec![
+                Removal { number: 0, codes: vec![1, 1], deleted_id: None },
+                Removal { number: 1, codes: vec![1, 2], deleted_id: Some("b".into()) },
+            ],
+            items: vec![write(4, "a", &[5, 8])],
+        };
+        state.logged(2, Arc::new(second));
+        assert_eq!((state.count(), state.next(), state.pending()), (3, 5, 5));
+        assert_eq!(state.live_words(), [0b11100]);
+        assert_eq!(state.sketches(), [10, 11, 2, 3, 4]);
+        assert_eq!(state.tail_bucket(0, 5), [2, 3, 4]);
+        assert_eq!((state.id("a"), state.id("b"), state.id("z")), (TailId::Live(4), TailId::Deleted, TailId::Unknown));
+        assert_eq!(state.unapplied(1).len(), 1, "at least one batch, then only what fits");
+        assert_eq!(state.unapplied(100).len(), 2);
+        state.applied(1);
+        assert_eq!((state.first_pending(), state.pending()), (Some(2), 3));
+        assert_eq!(state.tail_bucket(0, 5), [4]);
+        assert!(state.tail_item(2).is_none() && state.tail_item(4).is_some());
+        state.applied(2);
+        assert_eq!((state.first_pending(), state.pending(), state.id("b")), (None, 0, TailId::Unknown));
+        assert_eq!(state.live_words(), [0b11100], "liveness stays");
+    }
+}
