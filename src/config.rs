@@ -66,6 +66,48 @@ pub struct ServeConfig {
     /// BENCHMARKS.md.
     #[arg(long, env = "IMAGELSH_FULL_SCAN_THRESHOLD_KB", default_value_t = crate::index::DEFAULT_FULL_SCAN_THRESHOLD_BYTES / 1024)]
     pub full_scan_threshold_kb: u64,
+
+    #[command(flatten)]
+    pub write: WriteConfig,
+}
+
+/// The write path: the write-ahead log and how far the store may lag behind it. Defaults and
+/// their measured reasons: `index::WriteOptions`.
+#[derive(Debug, Clone, Args)]
+pub struct WriteConfig {
+    /// A log segment is closed past this size (KiB); applied segments are deleted whole.
+    #[arg(long, env = "IMAGELSH_LOG_SEGMENT_KB", default_value_t = crate::index::WriteOptions::default().segment_bytes / 1024)]
+    pub log_segment_kb: u64,
+
+    /// Logged item writes and removals that start a group apply into the store.
+    #[arg(long, env = "IMAGELSH_APPLY_AFTER_ITEMS", default_value_t = crate::index::WriteOptions::default().apply_after_operations)]
+    pub apply_after_items: usize,
+
+    /// The longest a logged batch waits before a group apply starts, ms.
+    #[arg(long, env = "IMAGELSH_APPLY_DELAY_MS", default_value_t = crate::index::WriteOptions::default().apply_delay.as_millis() as u64)]
+    pub apply_delay_ms: u64,
+
+    /// Item writes and removals in one group apply at most.
+    #[arg(long, env = "IMAGELSH_MAX_APPLY_ITEMS", default_value_t = crate::index::WriteOptions::default().max_apply_operations)]
+    pub max_apply_items: usize,
+
+    /// Writers wait while this many logged item writes and removals are not yet applied: it
+    /// bounds what a start replays from the log.
+    #[arg(long, env = "IMAGELSH_MAX_LOG_LAG_ITEMS", default_value_t = crate::index::WriteOptions::default().max_lag_operations)]
+    pub max_log_lag_items: usize,
+}
+
+impl WriteConfig {
+    pub fn options(&self, fsync: bool) -> crate::index::WriteOptions {
+        crate::index::WriteOptions {
+            segment_bytes: self.log_segment_kb.saturating_mul(1024).max(1),
+            apply_after_operations: self.apply_after_items.max(1),
+            apply_delay: Duration::from_millis(self.apply_delay_ms),
+            max_apply_operations: self.max_apply_items.max(1),
+            max_lag_operations: self.max_log_lag_items.max(1),
+            fsync,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

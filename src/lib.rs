@@ -7,6 +7,7 @@ pub mod api;
 pub mod config;
 pub mod demo;
 pub mod embed;
+pub mod failpoint;
 pub mod index;
 pub mod lsh;
 pub mod pipeline;

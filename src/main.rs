@@ -99,8 +99,10 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
     };
     let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
-    let options =
-        EngineOptions { full_scan_threshold: config.full_scan_threshold_kb.saturating_mul(1024), ..Default::default() };
+    let options = EngineOptions {
+        full_scan_threshold: config.full_scan_threshold_kb.saturating_mul(1024),
+        write: config.write.options(config.fsync),
+    };
     let log_dir = config.storage.data_dir.join("wal");
     let started = std::time::Instant::now();
     let (engine, recovery) =

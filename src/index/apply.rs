@@ -18,7 +18,7 @@ pub(crate) fn run_applier(shared: Arc<LogShared>) {
             loop {
                 let pending = shared.pending();
                 if signal.stop {
-                    if pending == 0 {
+                    if pending == 0 || signal.abandon {
                         return;
                     }
                     break true;
@@ -58,6 +58,7 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
         let refs: Vec<_> = batches.iter().map(|(_, b)| &**b).collect();
         match index.store.apply(&refs, last) {
             Ok(()) => {
+                crate::failpoint::crash_point("group-applied");
                 operations += refs.iter().map(|b| b.items.len() + b.removals.len()).sum::<usize>();
                 applied.push((index, last));
             }
@@ -70,10 +71,12 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
         return Ok(());
     }
     shared.catalog.sync()?;
+    crate::failpoint::crash_point("store-synced");
     for (index, last) in &applied {
         index.state_mut().applied(*last);
     }
     shared.drop_applied_log()?;
+    crate::failpoint::crash_point("log-dropped");
     {
         let mut signal = shared.signal();
         signal.oldest = (shared.pending() > 0).then(Instant::now);

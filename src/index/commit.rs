@@ -33,6 +33,9 @@ pub struct WriteOptions {
     /// Writers wait while this many are pending: it bounds the tail replayed at start and the
     /// memory the tail takes.
     pub max_lag_operations: usize,
+    /// fsync embeddings and the log before acknowledging (off: an ack survives a crash of the
+    /// process but not of the machine; for tests and benchmarks of everything else).
+    pub fsync: bool,
 }
 
 impl Default for WriteOptions {
@@ -43,6 +46,7 @@ impl Default for WriteOptions {
             apply_delay: Duration::from_millis(500),
             max_apply_operations: 65_536,
             max_lag_operations: 262_144,
+            fsync: true,
         }
     }
 }
@@ -98,6 +102,8 @@ struct LogFile {
 #[derive(Debug, Default)]
 pub(crate) struct Signal {
     pub(crate) stop: bool,
+    /// Stop without applying what is pending (tests of recovery, in one process).
+    pub(crate) abandon: bool,
     /// When the oldest batch not yet applied was logged.
     pub(crate) oldest: Option<Instant>,
 }
@@ -248,7 +254,8 @@ fn commit_group(shared: &LogShared, group: Vec<Submission>) {
     let mut failed: HashMap<u64, String> = HashMap::new();
     for (submission, _, _) in &ready {
         let uid = submission.index.store.uid();
-        if synced.insert(uid)
+        if shared.options.fsync
+            && synced.insert(uid)
             && let Err(e) = submission.index.store.sync_vectors()
         {
             failed.insert(uid, e.to_string());
@@ -272,7 +279,13 @@ fn commit_group(shared: &LogShared, group: Vec<Submission>) {
                 "an earlier write to the log failed; restart the server to recover what was acknowledged",
             )))
         } else {
-            log.wal.append(&payloads).and_then(|first| log.wal.sync().map(|()| first))
+            crate::failpoint::crash_point("vectors-synced");
+            let appended = log.wal.append(&payloads);
+            crate::failpoint::crash_point("log-written");
+            match shared.options.fsync {
+                true => appended.and_then(|first| log.wal.sync().map(|()| first)),
+                false => appended,
+            }
         };
         if written.is_err() {
             log.failed = true;
@@ -340,6 +353,7 @@ fn prepare(
             }
             let vectors: Vec<&[f32]> = items.iter().map(|i| i.vector.as_slice()).collect();
             index.store.write_vectors(first, &vectors)?;
+            crate::failpoint::crash_point("vectors-written");
             for item in &batch.items {
                 view.ids.insert(
                     (uid, item.id.clone()),

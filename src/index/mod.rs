@@ -358,6 +358,14 @@ impl Engine {
         self.log.log_bytes()
     }
 
+    /// Stops as a crash would leave the store: logged batches not yet applied stay in the log
+    /// only (tests of recovery within one process, which cannot kill itself).
+    #[cfg(test)]
+    fn abandon(self) {
+        self.log.signal().abandon = true;
+        drop(self);
+    }
+
     /// Stops taking writes, applies everything logged to the store, syncs it and stops the
     /// threads; later writes fail with `Unavailable`. Also run (errors ignored) on drop.
     pub fn close(&self) -> Result<(), IndexError> {
@@ -374,7 +382,7 @@ impl Engine {
             let _ = applier.join();
         }
         let result = self.catalog.sync().map_err(IndexError::from);
-        let pending = self.log.pending();
+        let pending = if self.log.signal().abandon { 0 } else { self.log.pending() };
         self.log.clear();
         result?;
         if pending > 0 {
@@ -1393,6 +1401,73 @@ mod tests {
         let e = engine(dir.path());
         let again = e.index("s").unwrap().query(QueryBy::Vector(query), &QueryOptions::default()).unwrap();
         assert_eq!(again.hits, first.hits);
+    }
+
+    fn small_log() -> EngineOptions {
+        let write = WriteOptions {
+            segment_bytes: 4 << 10,
+            apply_after_operations: 1 << 30,
+            apply_delay: std::time::Duration::from_secs(3600),
+            fsync: false,
+            ..Default::default()
+        };
+        EngineOptions { write, ..Default::default() }
+    }
+
+    fn log_segments(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("wal")).unwrap().count()
+    }
+
+    /// Logged batches are queryable before they are applied, after a crash (the engine is
+    /// forgotten, not closed) they come back from the log, and once applied the log shrinks.
+    #[test]
+    fn logged_batches_are_queryable_replayed_and_then_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = spread(300, 4);
+        let open = || {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
+            Engine::open_with(Arc::new(catalog), &dir.path().join("wal"), 4, small_log()).unwrap()
+        };
+        let expected = {
+            let (e, recovery) = open();
+            assert_eq!(recovery.replayed, 0);
+            e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 3, ..Default::default() }).unwrap();
+            let index = e.index("a").unwrap();
+            for chunk in items.chunks(10) {
+                index.ingest(chunk.to_vec()).unwrap();
+            }
+            let replaced = vec![(0, vec_item("i3", &[9.0, -1.0, 2.0, 0.5]))];
+            index.ingest(replaced).unwrap();
+            assert_eq!(index.delete(&["i4".into(), "nope".into()]).unwrap(), 1);
+            assert_eq!(index.state().pending(), 303, "nothing applied yet");
+            assert!(log_segments(dir.path()) > 2);
+            let results: Vec<_> = [tables(), scan()]
+                .iter()
+                .map(|o| index.query(QueryBy::Vector(items[17].1.vector.clone()), o).unwrap().hits)
+                .collect();
+            assert_eq!(results[0][0].id, "i17");
+            assert_eq!(results[0], results[1], "both plans see the logged tail");
+            assert_eq!(index.query(QueryBy::Id("i3".into()), &tables()).unwrap().hits.len(), 10);
+            assert_eq!(index.info().unwrap().items, 299);
+            e.abandon();
+            results
+        };
+        let (e, recovery) = open();
+        assert_eq!(recovery.replayed, 32);
+        let index = e.index("a").unwrap();
+        let query = |index: &Index| index.query(QueryBy::Vector(items[17].1.vector.clone()), &tables()).unwrap().hits;
+        assert_eq!(query(&index), expected[0]);
+        assert_eq!(index.info().unwrap().items, 299);
+        e.apply_now().unwrap();
+        assert_eq!(index.state().pending(), 0);
+        assert_eq!(log_segments(dir.path()), 1, "applied segments are deleted");
+        assert_eq!(query(&index), expected[0], "the same answer from the store");
+        assert!(matches!(index.query(QueryBy::Id("i4".into()), &tables()), Err(IndexError::ItemNotFound { .. })));
+        drop(index);
+        drop(e);
+        let (e, recovery) = open();
+        assert_eq!(recovery.replayed, 0, "a closed engine applied everything");
+        assert_eq!(query(&e.index("a").unwrap()), expected[0]);
     }
 
     #[test]
