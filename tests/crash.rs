@@ -215,7 +215,7 @@ fn tear(dir: &Path, rng: &mut Rng) {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|x| x == "f32") {
             let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
-            file.write_all(&vec![0xAB; 4 + 4 * DIM / 2]).unwrap();
+            file.write_all(&[0xAB; 4 + 4 * DIM / 2]).unwrap();
         }
     }
 }
