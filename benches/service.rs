@@ -3,13 +3,19 @@
 //!     cargo bench --bench service                 # 100k vectors; K=8 L=10 and K=12 L=16
 //!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
 //!
-//! Prints vectors/s acknowledged (durable), query latency percentiles of the default query
-//! (2 probes, sketch pre-ranking, exact re-ranking of the default depth) with each search plan
-//! (TABLES, SCAN) and its recall@10 (exact top 10 by brute force for the first 50 queries;
-//! queries lie around the data's cluster centres), which plan the server picks by itself, bytes
-//! on disk per item, and the time from process start to the first answered query after a clean
-//! stop (SIGTERM right after the ingest, which checkpoints the database; how long that stop
-//! took) and after a crash (SIGKILL).
+//! Prints, in one run:
+//! - vectors/s acknowledged (durable), and the machine's floor beside it: the same vectors over
+//!   the same streams to a server in this process that only appends them to a file with one
+//!   fdatasync per group of batches (as imagelsh's log writer does), without hashing or indexing;
+//! - the server's peak anonymous resident memory (RssAnon) during the ingest;
+//! - bytes on disk per item, and the shares of sled and of the write-ahead log;
+//! - the time from process start to the first answered query after a SIGKILL right after the
+//!   ingest (what the log still held is replayed), then after a clean stop (SIGTERM, which
+//!   applies the log and checkpoints sled; how long that stop took);
+//! - query latency percentiles of the default query (2 probes, sketch pre-ranking, exact
+//!   re-ranking of the default depth) with each search plan (TABLES, SCAN) right after that
+//!   restart, their recall@10 (exact top 10 by brute force for the first 50 queries; queries
+//!   lie around the data's cluster centres), and which plan the server picks by itself.
 
 mod support;
 use support::dir_bytes;
@@ -24,6 +30,9 @@ use imagelsh::proto::{
     CreateIndexRequest, Embedding, IngestRequest, Item, QueryRequest, SearchPlan, item::Content, query_request,
 };
 use tonic::transport::Channel;
+
+#[path = "support/floor.rs"]
+mod floor;
 
 const DIM: usize = 1280;
 const BATCH: usize = 256;
@@ -123,6 +132,16 @@ fn exact_top10(data: &[f32], queries: &[f32]) -> Vec<Vec<usize>> {
 struct Server(Child, String);
 
 impl Server {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
     fn start(dir: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
             .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -223,9 +242,76 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
         .await
         .unwrap();
 
-    let start = Instant::now();
     let rows: Vec<&[f32]> = data.chunks(DIM).collect();
     let per_stream = rows.len().div_ceil(a.streams);
+    let memory = RssSampler::start(server.pid());
+    let (indexed, ingest) = ingest_all(&server.1, &rows, per_stream).await;
+    let peak_rss = memory.stop();
+    assert_eq!(indexed, rows.len());
+    let bytes = dir_bytes(dir.path());
+    let sled_bytes = dir_bytes(&dir.path().join("sled"));
+    let log_bytes = dir_bytes(&dir.path().join("wal"));
+
+    // A crash right after the ingest: what the log holds is replayed at the next start.
+    server.kill();
+    let (server, after_crash) = start_and_query(dir.path(), &queries[..DIM]).await;
+    let mut client = server.client().await;
+    let tables = run_queries(&mut client, queries, SearchPlan::Tables).await;
+    let scan = run_queries(&mut client, queries, SearchPlan::Scan).await;
+    let auto = run_queries(&mut client, &queries[..queries.len().min(DIM * 10)], SearchPlan::Auto).await;
+    let recall = |run: &PlanRun| {
+        let found: usize = truth
+            .iter()
+            .zip(&run.hits)
+            .map(|(exact, hits)| hits.iter().filter(|id| exact.contains(&row_of(id, per_stream))).count())
+            .sum();
+        found as f64 / (10 * truth.len()).max(1) as f64
+    };
+    drop(client);
+
+    // A clean stop (SIGTERM: drain, apply the log, checkpoint sled), then a start.
+    let t = Instant::now();
+    server.terminate();
+    let stop = t.elapsed();
+    let (server, after_stop) = start_and_query(dir.path(), &queries[..DIM]).await;
+    drop(server);
+
+    // The floor: the same vectors over the same streams, appended to a file and fsynced.
+    let floor_dir = tempfile::tempdir().unwrap();
+    let floor_addr = floor::start(floor_dir.path().join("floor.bin")).await;
+    let (floor_indexed, floor_time) = ingest_all(&floor_addr, &rows, per_stream).await;
+    assert_eq!(floor_indexed, rows.len());
+
+    let ms = |run: &PlanRun, p| percentile(&run.latencies, p).as_secs_f64() * 1e3;
+    let rate = indexed as f64 / ingest.as_secs_f64();
+    let floor_rate = floor_indexed as f64 / floor_time.as_secs_f64();
+    let per_item = |b: u64| b as f64 / indexed as f64;
+    println!(
+        "| K={bits:<2} L={tables_count:<2} | {indexed:>7} | {:>2} | {rate:>6.0} | {floor_rate:>6.0} | {:>4.2} | {:>5.0} | {:>6.0} | {:>5.0} | {:>4.0} | {:>5} | {:>6.2} | {:>6.2} | {:>8.0} | {:>5.3} | {:>6.2} | {:>6.2} | {:>5.3} | {:>6} | {:>6} | {:>5} |",
+        a.streams,
+        rate / floor_rate,
+        peak_rss as f64 / (1 << 20) as f64,
+        per_item(bytes),
+        per_item(sled_bytes),
+        per_item(log_bytes),
+        after_crash.as_millis(),
+        ms(&tables, 0.5),
+        ms(&tables, 0.99),
+        tables.candidates,
+        recall(&tables),
+        ms(&scan, 0.5),
+        ms(&scan, 0.99),
+        recall(&scan),
+        auto.plans.iter().copied().collect::<Vec<_>>().join("+"),
+        stop.as_millis(),
+        after_stop.as_millis(),
+    );
+}
+
+/// Sends `rows` as batches of `BATCH` over `rows / per_stream` concurrent streams to `addr`;
+/// returns the items acknowledged and the time until the last ack.
+async fn ingest_all(addr: &str, rows: &[&[f32]], per_stream: usize) -> (usize, Duration) {
+    let start = Instant::now();
     let mut tasks = Vec::new();
     for (s, part) in rows.chunks(per_stream).enumerate() {
         let batches: Vec<IngestRequest> = part
@@ -245,9 +331,11 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
                     .collect(),
             })
             .collect();
-        let mut client = server.client().await;
+        let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut client = ImageIndexClient::new(ch).max_encoding_message_size(64 << 20);
         tasks.push(tokio::spawn(async move {
-            // Built lazily so that encoding overlaps with the server's work, as in a real client.
+            // Encoded as the stream goes, so that encoding overlaps with the server's work, as
+            // in a real client.
             let mut acks = client.ingest(tokio_stream::iter(batches)).await.unwrap().into_inner();
             let mut n = 0;
             while let Some(r) = acks.message().await.unwrap() {
@@ -260,50 +348,40 @@ async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: 
     for t in tasks {
         indexed += t.await.unwrap();
     }
-    let ingest = start.elapsed();
-    assert_eq!(indexed, rows.len());
+    (indexed, start.elapsed())
+}
 
-    let tables = run_queries(&mut client, queries, SearchPlan::Tables).await;
-    let scan = run_queries(&mut client, queries, SearchPlan::Scan).await;
-    let auto = run_queries(&mut client, &queries[..queries.len().min(DIM * 10)], SearchPlan::Auto).await;
-    let recall = |run: &PlanRun| {
-        let found: usize = truth
-            .iter()
-            .zip(&run.hits)
-            .map(|(exact, hits)| hits.iter().filter(|id| exact.contains(&row_of(id, per_stream))).count())
-            .sum();
-        found as f64 / (10 * truth.len()).max(1) as f64
-    };
-    drop(client);
-    let bytes = dir_bytes(dir.path());
+/// Samples a process's RssAnon (from /proc) every 100 ms until stopped; returns the peak, bytes.
+struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
 
-    // A clean stop right after the ingest (SIGTERM: drain, flush, checkpoint), then a start:
-    // process start to first answered query. Then a crash (SIGKILL) and the same measure.
-    let t = Instant::now();
-    server.terminate();
-    let stop = t.elapsed();
-    let (server, after_stop) = start_and_query(dir.path(), &queries[..DIM]).await;
-    drop(server);
-    let (_server, after_crash) = start_and_query(dir.path(), &queries[..DIM]).await;
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let kb = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("RssAnon:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                peak = peak.max(kb * 1024);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        });
+        Self { stop, thread }
+    }
 
-    let ms = |run: &PlanRun, p| percentile(&run.latencies, p).as_secs_f64() * 1e3;
-    println!(
-        "| K={bits:<2} L={tables_count:<2} | {:>7} | {:>6.0} | {:>6.2} | {:>6.2} | {:>8.0} | {:>5.3} | {:>6.2} | {:>6.2} | {:>5.3} | {:>6} | {:>7.0} | {:>6} | {:>6} | {:>6} |",
-        indexed,
-        indexed as f64 / ingest.as_secs_f64(),
-        ms(&tables, 0.5),
-        ms(&tables, 0.99),
-        tables.candidates,
-        recall(&tables),
-        ms(&scan, 0.5),
-        ms(&scan, 0.99),
-        recall(&scan),
-        auto.plans.iter().copied().collect::<Vec<_>>().join("+"),
-        bytes as f64 / indexed as f64,
-        stop.as_millis(),
-        after_stop.as_millis(),
-        after_crash.as_millis(),
-    );
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 fn main() {
@@ -316,9 +394,9 @@ fn main() {
         a.items, a.streams, a.queries
     );
     println!(
-        "| index | items | vec/s | TABLES p50 ms | TABLES p99 ms | cand/query | TABLES recall@10 | SCAN p50 ms | SCAN p99 ms | SCAN recall@10 | default plan | B/item | clean stop ms | then start→1st query ms | crash, start→1st query ms |"
+        "| index | items | streams | vec/s | floor vec/s | ratio | peak RssAnon MB | B/item | sled B/item | log B/item | SIGKILL, start→1st query ms | TABLES p50 ms | TABLES p99 ms | cand/query | TABLES recall@10 | SCAN p50 ms | SCAN p99 ms | SCAN recall@10 | default plan | clean stop ms | then start→1st query ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Runtime::new().unwrap();
     for &shape in &a.shapes {
         rt.block_on(run(shape, &a, &data, &queries, &truth));

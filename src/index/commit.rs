@@ -42,9 +42,12 @@ impl Default for WriteOptions {
     fn default() -> Self {
         Self {
             segment_bytes: 32 << 20,
-            apply_after_operations: 32_768,
+            // Measured (examples of `store.apply` alone at 1M items, K=12, L=16): groups of
+            // 32k items applied at 16k items/s, groups of 131k at 22k (each bucket's open chunk
+            // is rewritten once per group, whatever its size).
+            apply_after_operations: 65_536,
             apply_delay: Duration::from_millis(500),
-            max_apply_operations: 65_536,
+            max_apply_operations: 131_072,
             max_lag_operations: 262_144,
             fsync: true,
         }

@@ -11,7 +11,8 @@
 //! | `A`                                        | last write-ahead log position applied, u64 BE (layout ≥ 4) |
 //! | `B` table u16 ‖ code u64 ‖ chunk u32       | sealed chunk: item numbers, u32 LE each |
 //! | `B` table u16 ‖ code u64 ‖ `OPEN_CHUNK`    | sealed-chunk count u32 LE ‖ item numbers |
-//! | `I` item u32                               | `ItemRecord` (protobuf)                |
+//! | `I` item u32                               | `ItemRecord` (protobuf; layout ≤ 3, migrated to `R`) |
+//! | `R` item / `RECORDS_PER_CHUNK` u32         | the chunk's records (`encode_record_chunk`), layout ≥ 4 |
 //! | `K` external id bytes                      | item number, u32 BE                    |
 
 pub const HYPERPLANES: &[u8] = b"P";
@@ -24,6 +25,11 @@ const BUCKET: u8 = b'B';
 /// Chunk number of a bucket's open chunk, the one appends go to; it sorts after sealed chunks.
 pub const OPEN_CHUNK: u32 = u32::MAX;
 const ITEM: u8 = b'I';
+const RECORD_CHUNK: u8 = b'R';
+/// Item records per sled entry: writing one key per item record was half of what applying a
+/// group cost (1M items, groups of 131k: 22k items/s applied with a key per record, 41k with
+/// none), and consecutive items are written together.
+pub const RECORDS_PER_CHUNK: u32 = 64;
 const ID: u8 = b'K';
 
 /// `B ‖ table`: the prefix shared by all buckets of one table.
@@ -59,11 +65,58 @@ pub fn parse_bucket_chunk(key: &[u8]) -> Option<(u16, u64, u32)> {
     Some((table, code, chunk))
 }
 
+/// A layout-3 item record key (what the migration to layout 4 reads).
+#[cfg(test)]
 pub fn item(item: u32) -> [u8; 5] {
     let mut key = [0u8; 5];
     key[0] = ITEM;
     key[1..].copy_from_slice(&item.to_be_bytes());
     key
+}
+
+/// `I`: the prefix of layout-3 item records.
+pub const ITEM_PREFIX: &[u8] = &[ITEM];
+
+/// The item number of a layout-3 item record key.
+pub fn parse_item(key: &[u8]) -> Option<u32> {
+    match key {
+        [ITEM, rest @ ..] => decode_u32(rest),
+        _ => None,
+    }
+}
+
+/// `R ‖ chunk`: the records of items `chunk × RECORDS_PER_CHUNK ..` (+ `RECORDS_PER_CHUNK`).
+pub fn record_chunk(chunk: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = RECORD_CHUNK;
+    key[1..].copy_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+/// A record chunk: for each record, in ascending item order, item number u32 LE ‖ length u32
+/// LE ‖ the encoded `ItemRecord`.
+pub fn encode_record_chunk<'a>(records: impl Iterator<Item = (u32, &'a [u8])>) -> Vec<u8> {
+    let mut value = Vec::new();
+    for (number, record) in records {
+        value.extend_from_slice(&number.to_le_bytes());
+        value.extend_from_slice(&(record.len() as u32).to_le_bytes());
+        value.extend_from_slice(record);
+    }
+    value
+}
+
+/// The records of a chunk as (item number, encoded record); `None` if it is malformed.
+pub fn decode_record_chunk(mut bytes: &[u8]) -> Option<Vec<(u32, &[u8])>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (number, rest) = bytes.split_first_chunk::<4>()?;
+        let (len, rest) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let record = rest.get(..len)?;
+        out.push((u32::from_le_bytes(*number), record));
+        bytes = &rest[len..];
+    }
+    Some(out)
 }
 
 pub fn id(id: &str) -> Vec<u8> {
@@ -148,6 +201,19 @@ mod tests {
         #[test]
         fn item_keys_sort_numerically(a in any::<u32>(), b in any::<u32>()) {
             prop_assert_eq!(item(a).cmp(&item(b)), a.cmp(&b));
+            prop_assert_eq!(parse_item(&item(a)), Some(a));
+        }
+
+        #[test]
+        fn record_chunks_round_trip(records in prop::collection::btree_map(any::<u32>(), prop::collection::vec(any::<u8>(), 0..50), 0..20)) {
+            let encoded = encode_record_chunk(records.iter().map(|(n, r)| (*n, r.as_slice())));
+            let decoded = decode_record_chunk(&encoded).unwrap();
+            prop_assert_eq!(decoded, records.iter().map(|(n, r)| (*n, r.as_slice())).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn arbitrary_record_chunks_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..100)) {
+            let _ = decode_record_chunk(&bytes);
         }
     }
 

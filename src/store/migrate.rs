@@ -2,7 +2,7 @@
 //! here) and reached from the one before by one step; at open, the steps from the stored
 //! version up to `CURRENT_VERSION` run in order. A newer layout is refused, never opened.
 
-use super::StoreError;
+use super::{StoreError, keys};
 
 /// The layout this build writes.
 pub const CURRENT_VERSION: u32 = 4;
@@ -69,11 +69,51 @@ fn item_sketches(_: &sled::Db) -> Result<(), StoreError> {
 }
 
 /// Version 4: acknowledged batches go through a write-ahead log (`wal/`) and reach each index's
-/// tree later, with the applied log position (key `A`). Version-3 indexes have no `A` (nothing
-/// applied from a log) and no log to replay: nothing to rewrite. Older builds must refuse such
-/// data, or they would lose what is logged and not yet applied.
-fn write_ahead_log(_: &sled::Db) -> Result<(), StoreError> {
+/// tree later, with the applied log position (key `A`; version-3 indexes have none: nothing
+/// applied from a log, and no log to replay). Item records move from one key per item (`I`) to
+/// chunks of `RECORDS_PER_CHUNK` (`R`). Older builds must refuse such data, or they would lose
+/// what is logged and not yet applied.
+fn write_ahead_log(db: &sled::Db) -> Result<(), StoreError> {
+    for name in db.tree_names() {
+        if name.starts_with(b"index/") {
+            chunk_item_records(&db.open_tree(name)?)?;
+        }
+    }
     Ok(())
+}
+
+/// Moves the `I` records of an index tree into `R` chunks, a bounded number per atomic batch
+/// (a crash in between leaves both forms, and a rerun moves the rest into the same chunks).
+fn chunk_item_records(tree: &sled::Tree) -> Result<(), StoreError> {
+    use std::collections::BTreeMap;
+    const PER_BATCH: usize = 65_536;
+    loop {
+        let mut chunks: BTreeMap<u32, BTreeMap<u32, Vec<u8>>> = BTreeMap::new();
+        let mut batch = sled::Batch::default();
+        let mut moved = 0;
+        for entry in tree.scan_prefix(keys::ITEM_PREFIX).take(PER_BATCH) {
+            let (key, value) = entry?;
+            let number = keys::parse_item(&key).ok_or_else(|| StoreError::Corrupt("item record key".into()))?;
+            chunks.entry(number / keys::RECORDS_PER_CHUNK).or_default().insert(number, value.to_vec());
+            batch.remove(key);
+            moved += 1;
+        }
+        if moved == 0 {
+            return Ok(());
+        }
+        for (chunk, mut records) in chunks {
+            if let Some(existing) = tree.get(keys::record_chunk(chunk))? {
+                let decoded = keys::decode_record_chunk(&existing)
+                    .ok_or_else(|| StoreError::Corrupt(format!("record chunk {chunk}")))?;
+                for (number, record) in decoded {
+                    records.entry(number).or_insert_with(|| record.to_vec());
+                }
+            }
+            let value = keys::encode_record_chunk(records.iter().map(|(n, r)| (*n, r.as_slice())));
+            batch.insert(&keys::record_chunk(chunk), value);
+        }
+        tree.apply_batch(batch)?;
+    }
 }
 
 /// The stored layout version; 0 for a database imagelsh never wrote.

@@ -403,13 +403,14 @@ impl IndexStore for SledIndex {
         let corrupt_count = || StoreError::Corrupt(format!("live item count of index {:?}", self.def.name));
         let mut batch = sled::Batch::default();
         let mut edits = HashMap::new();
+        let mut records = RecordEdits::new(next);
         let mut written: Vec<&ItemWrite> = Vec::new();
         for logged in batches {
             for removal in &logged.removals {
                 for (table, &code) in removal.codes.iter().enumerate() {
                     self.edit(&mut edits, table as u16, code)?.remove(&self.tree, removal.number)?;
                 }
-                batch.remove(&keys::item(removal.number));
+                records.chunk(&self.tree, removal.number)?.remove(&removal.number);
                 if let Some(id) = &removal.deleted_id {
                     batch.remove(keys::id(id));
                 }
@@ -419,13 +420,7 @@ impl IndexStore for SledIndex {
                 for (table, &code) in item.codes.iter().enumerate() {
                     self.edit(&mut edits, table as u16, code)?.append(item.number);
                 }
-                let record = ItemRecord {
-                    id: item.id.clone(),
-                    label: item.label.clone(),
-                    metadata: item.metadata.clone(),
-                    codes: item.codes.clone(),
-                };
-                batch.insert(&keys::item(item.number), record.encode_to_vec());
+                records.chunk(&self.tree, item.number)?.insert(item.number, item_record_bytes(item));
                 batch.insert(keys::id(&item.id), &item.number.to_be_bytes());
                 count += 1;
                 next = next.max(
@@ -458,6 +453,7 @@ impl IndexStore for SledIndex {
         for edit in edits.into_values() {
             edit.write(&mut batch);
         }
+        records.write(&mut batch);
         batch.insert(keys::NEXT_ITEM, &next.to_be_bytes());
         batch.insert(keys::ITEM_COUNT, &count.to_be_bytes());
         batch.insert(keys::APPLIED, &position.to_be_bytes());
@@ -484,10 +480,19 @@ impl IndexStore for SledIndex {
     }
 
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError> {
+        let mut chunks: HashMap<u32, Option<sled::IVec>> = HashMap::new();
         let mut items = Vec::with_capacity(numbers.len());
         for &number in numbers {
-            if let Some(v) = self.tree.get(keys::item(number))? {
-                let r = ItemRecord::decode(&*v)?;
+            let chunk = number / keys::RECORDS_PER_CHUNK;
+            let value = match chunks.entry(chunk) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(v) => v.insert(self.tree.get(keys::record_chunk(chunk))?),
+            };
+            let Some(value) = value else { continue };
+            let records = keys::decode_record_chunk(value)
+                .ok_or_else(|| StoreError::Corrupt(format!("record chunk {chunk} of index {:?}", self.def.name)))?;
+            if let Some((_, bytes)) = records.iter().find(|(n, _)| *n == number) {
+                let r = ItemRecord::decode(*bytes)?;
                 items.push(StoredItem { number, id: r.id, label: r.label, metadata: r.metadata, codes: r.codes });
             }
         }
@@ -526,6 +531,78 @@ impl IndexStore for SledIndex {
         }
         Ok(())
     }
+}
+
+/// Pending changes to record chunks within one apply: each chunk is read (if it can hold items
+/// from before) and written once.
+struct RecordEdits {
+    /// Chunks from this one on held no item before the apply: nothing to read.
+    fresh_from: u32,
+    chunks: HashMap<u32, BTreeMap<u32, Vec<u8>>>,
+}
+
+impl RecordEdits {
+    fn new(next: u32) -> Self {
+        Self { fresh_from: next.div_ceil(keys::RECORDS_PER_CHUNK), chunks: HashMap::new() }
+    }
+
+    /// The records of the chunk holding item `number`, loaded on first use.
+    fn chunk(&mut self, tree: &sled::Tree, number: u32) -> Result<&mut BTreeMap<u32, Vec<u8>>, StoreError> {
+        let chunk = number / keys::RECORDS_PER_CHUNK;
+        Ok(match self.chunks.entry(chunk) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(v) => {
+                let mut records = BTreeMap::new();
+                if chunk < self.fresh_from
+                    && let Some(value) = tree.get(keys::record_chunk(chunk))?
+                {
+                    let decoded = keys::decode_record_chunk(&value)
+                        .ok_or_else(|| StoreError::Corrupt(format!("record chunk {chunk}")))?;
+                    records.extend(decoded.into_iter().map(|(n, r)| (n, r.to_vec())));
+                }
+                v.insert(records)
+            }
+        })
+    }
+
+    fn write(self, batch: &mut sled::Batch) {
+        for (chunk, records) in self.chunks {
+            let key = keys::record_chunk(chunk);
+            match records.is_empty() {
+                true => batch.remove(&key),
+                false => batch.insert(&key, keys::encode_record_chunk(records.iter().map(|(n, r)| (*n, r.as_slice())))),
+            }
+        }
+    }
+}
+
+/// `item` as an encoded `ItemRecord`, from borrowed fields: applying a group writes one per
+/// item, and building the message would copy its id, label, metadata and codes first.
+fn item_record_bytes(item: &ItemWrite) -> Vec<u8> {
+    use prost::encoding::{hash_map, string, uint64};
+    // Field numbers and proto3 defaults (empty fields omitted) as in storage.proto's ItemRecord.
+    let len = if item.id.is_empty() { 0 } else { string::encoded_len(1, &item.id) }
+        + if item.label.is_empty() { 0 } else { string::encoded_len(2, &item.label) }
+        + hash_map::encoded_len(string::encoded_len, string::encoded_len, 3, &item.metadata)
+        + uint64::encoded_len_packed(4, &item.codes);
+    let mut buf = Vec::with_capacity(len);
+    if !item.id.is_empty() {
+        string::encode(1, &item.id, &mut buf);
+    }
+    if !item.label.is_empty() {
+        string::encode(2, &item.label, &mut buf);
+    }
+    hash_map::encode(
+        string::encode,
+        string::encoded_len,
+        string::encode,
+        string::encoded_len,
+        3,
+        &item.metadata,
+        &mut buf,
+    );
+    uint64::encode_packed(4, &item.codes, &mut buf);
+    buf
 }
 
 /// The live item numbers (below `next`) as a bit set: the members of table 0's buckets, which
@@ -817,6 +894,25 @@ mod tests {
         assert!(matches!(store.write_vectors(1, &[&[0.0, 0.0]]), Err(StoreError::Dropped(_))));
         assert!(catalog.open("a").unwrap().is_none());
         assert_eq!(std::fs::read_dir(dir.path().join("vectors")).unwrap().count(), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn item_records_encode_as_the_message_does(
+            id in ".{0,20}", label in ".{0,20}", codes in proptest::collection::vec(proptest::num::u64::ANY, 0..20),
+            metadata in proptest::collection::hash_map(".{0,8}", ".{0,8}", 0..5),
+        ) {
+            let item = ItemWrite { number: 3, id, label, metadata, codes, sketch: vec![] };
+            let message = ItemRecord {
+                id: item.id.clone(),
+                label: item.label.clone(),
+                metadata: item.metadata.clone(),
+                codes: item.codes.clone(),
+            };
+            let bytes = item_record_bytes(&item);
+            proptest::prop_assert_eq!(ItemRecord::decode(bytes.as_slice()).unwrap(), message.clone());
+            proptest::prop_assert_eq!(bytes.len(), message.encoded_len());
+        }
     }
 
     #[test]
