@@ -1470,6 +1470,29 @@ mod tests {
         assert_eq!(query(&e.index("a").unwrap()), expected[0]);
     }
 
+    /// The layers above the store run as well on the in-memory backend.
+    #[test]
+    fn an_engine_over_the_memory_store_ingests_replaces_and_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(crate::store::MemoryCatalog::new());
+        let e = Engine::open(catalog, &dir.path().join("wal"), 4).unwrap();
+        e.create(IndexSpec { name: "m".into(), hash_bits: 4, tables: 4, ..Default::default() }).unwrap();
+        let index = e.index("m").unwrap();
+        let items = spread(200, 4);
+        index.ingest(items.clone()).unwrap();
+        e.apply_now().unwrap();
+        index.ingest(vec![(0, vec_item("i9", &[5.0, 5.0, -5.0, 1.0]))]).unwrap();
+        for plan in [tables(), scan()] {
+            let hits = index.query(QueryBy::Vector(items[30].1.vector.clone()), &plan).unwrap().hits;
+            assert_eq!(hits[0].id, "i30", "{plan:?}");
+            let moved = index.query(QueryBy::Vector(vec![5.0, 5.0, -5.0, 1.0]), &plan).unwrap().hits;
+            assert_eq!(moved[0].id, "i9", "{plan:?}");
+        }
+        e.apply_now().unwrap();
+        assert_eq!(index.info().unwrap().items, 200);
+        assert_eq!(index.query(QueryBy::Id("i9".into()), &tables()).unwrap().hits.len(), 10);
+    }
+
     #[test]
     fn dropped_index_is_not_found_and_name_is_reusable() {
         let dir = tempfile::tempdir().unwrap();

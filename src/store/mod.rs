@@ -1,7 +1,10 @@
 //! Persistence of indexes. The domain (`crate::index`) depends on the traits here, never on
 //! sled; the store knows nothing of gRPC or of how codes are computed.
 
+#[cfg(test)]
+mod conformance;
 mod keys;
+mod memory;
 pub mod migrate;
 mod records;
 mod sled_store;
@@ -10,6 +13,7 @@ pub mod wal;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use memory::MemoryCatalog;
 pub use sled_store::{SledCatalog, SledOptions};
 pub use wal::{LogRecord, Position, Wal};
 

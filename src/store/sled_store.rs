@@ -739,7 +739,6 @@ fn chunk_number(key: &[u8]) -> Result<u32, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Removal;
 
     fn def(name: &str, dim: u32, tables: u32) -> IndexDef {
         IndexDef {
@@ -770,37 +769,11 @@ mod tests {
         })
     }
 
-    fn removal(number: u32, codes: &[u64], deleted: Option<&str>) -> Removal {
-        Removal { number, codes: codes.to_vec(), deleted_id: deleted.map(String::from) }
-    }
-
     fn bucket(store: &dyn IndexStore, table: u16, code: u64) -> Vec<u32> {
         let mut out = Vec::new();
         store.bucket(table, code, &mut out).unwrap();
         out.sort();
         out
-    }
-
-    #[test]
-    fn large_buckets_span_chunks_and_shrink_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        let store = catalog.create(&def("a", 1, 1), planes(&[0.0; 8])).unwrap();
-        let n = (CHUNK_CAPACITY * 2 + 10) as u32;
-        for (position, first) in (1..).zip((0..n).step_by(100)) {
-            let items = (first..n.min(first + 100)).map(|i| write(i, &i.to_string(), &[7])).collect();
-            store.apply(&[&StoreBatch { removals: vec![], items }], position).unwrap();
-        }
-        assert_eq!(bucket(&*store, 0, 7).len(), n as usize);
-        // Delete one item from the first chunk and most of the rest.
-        let removals = (0..n - 3).map(|i| removal(i, &[7], Some(&i.to_string()))).collect();
-        store.apply(&[&StoreBatch { removals, items: vec![] }], 10).unwrap();
-        assert_eq!(bucket(&*store, 0, 7), [n - 3, n - 2, n - 1]);
-        // Appends after the shrink still land in the bucket.
-        store.apply(&[&StoreBatch { removals: vec![], items: vec![write(n, "new", &[7])] }], 11).unwrap();
-        assert_eq!(bucket(&*store, 0, 7).len(), 4);
-        let loaded = store.load().unwrap();
-        assert_eq!((loaded.next, loaded.count, loaded.applied), (n + 1, 4, 11));
     }
 
     #[test]
@@ -820,24 +793,6 @@ mod tests {
         assert_eq!(bucket(&*store, 0, 3), [0]);
         store.cut_vectors(1).unwrap();
         assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
-    }
-
-    #[test]
-    fn a_replace_and_a_delete_in_one_group_of_batches() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        let store = catalog.create(&def("a", 1, 2), planes(&[0.0; 16])).unwrap();
-        let first = StoreBatch { removals: vec![], items: vec![write(0, "x", &[1, 5]), write(1, "y", &[1, 6])] };
-        // x replaced (0 → 2) and y deleted, applied together with the batch that wrote them.
-        let second = StoreBatch { removals: vec![removal(0, &[1, 5], None)], items: vec![write(2, "x", &[2, 6])] };
-        let third = StoreBatch { removals: vec![removal(1, &[1, 6], Some("y"))], items: vec![] };
-        store.apply(&[&first, &second, &third], 3).unwrap();
-        assert!(bucket(&*store, 0, 1).is_empty());
-        assert_eq!((bucket(&*store, 0, 2), bucket(&*store, 1, 6)), (vec![2], vec![2]));
-        assert_eq!((store.item_number("x").unwrap(), store.item_number("y").unwrap()), (Some(2), None));
-        assert_eq!(store.items(&[0, 1, 2]).unwrap().iter().map(|i| i.number).collect::<Vec<_>>(), [2]);
-        let loaded = store.load().unwrap();
-        assert_eq!((loaded.next, loaded.count, loaded.applied, loaded.live), (3, 1, 3, vec![0b100]));
     }
 
     #[test]
