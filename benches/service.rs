@@ -146,7 +146,9 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
             .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
-            .env("RUST_LOG", "warn")
+            // BENCH_SERVER_LOG=info shows where a start spends its time.
+            .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
+            .stderr(Stdio::inherit())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start server");

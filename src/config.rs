@@ -91,6 +91,11 @@ pub struct WriteConfig {
     #[arg(long, env = "IMAGELSH_MAX_APPLY_ITEMS", default_value_t = crate::index::WriteOptions::default().max_apply_operations)]
     pub max_apply_items: usize,
 
+    /// Bytes applied to sled after which it is checkpointed (closed and reopened, KiB; 0:
+    /// never): bounds what sled replays after a crash. Reads and writes wait while it runs.
+    #[arg(long, env = "IMAGELSH_CHECKPOINT_KB", default_value_t = crate::store::SledOptions::default().checkpoint_bytes / 1024)]
+    pub checkpoint_kb: u64,
+
     /// Writers wait while this many logged item writes and removals are not yet applied: it
     /// bounds what a start replays from the log.
     #[arg(long, env = "IMAGELSH_MAX_LOG_LAG_ITEMS", default_value_t = crate::index::WriteOptions::default().max_lag_operations)]

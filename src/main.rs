@@ -87,11 +87,17 @@ fn migrate_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let options = SledOptions { cache_capacity: config.cache_mb << 20, fsync: config.fsync };
+    let options = SledOptions {
+        cache_capacity: config.cache_mb << 20,
+        fsync: config.fsync,
+        checkpoint_bytes: config.write.checkpoint_kb.saturating_mul(1024),
+    };
     let data_dir = config.storage.data_dir.clone();
+    let started = std::time::Instant::now();
     let catalog = tokio::task::spawn_blocking(move || SledCatalog::open(&data_dir, &options))
         .await?
         .with_context(|| format!("opening data directory {}", config.storage.data_dir.display()))?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "database open");
     let pipeline = if config.model.no_model {
         tracing::info!("no embedding model: serving embeddings only");
         None

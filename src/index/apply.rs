@@ -77,6 +77,9 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     }
     shared.drop_applied_log()?;
     crate::failpoint::crash_point("log-dropped");
+    if let Some(pause) = shared.catalog.checkpoint(false)? {
+        tracing::info!(ms = pause.as_millis() as u64, "store checkpointed: reads and writes waited this long");
+    }
     {
         let mut signal = shared.signal();
         signal.oldest = (shared.pending() > 0).then(Instant::now);

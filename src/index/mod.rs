@@ -241,7 +241,9 @@ impl Engine {
         default_dim: u32,
         options: EngineOptions,
     ) -> Result<(Self, Recovery), IndexError> {
+        let started = std::time::Instant::now();
         let (wal, records) = Wal::open(log_dir, options.write.segment_bytes)?;
+        tracing::info!(records = records.len(), ms = started.elapsed().as_millis() as u64, "log read");
         let log = Arc::new(LogShared::new(catalog.clone(), wal, options.write.clone()));
         let mut open = HashMap::new();
         let mut by_uid = HashMap::new();
@@ -251,6 +253,7 @@ impl Engine {
             by_uid.insert(index.store.uid(), (index.clone(), applied));
             open.insert(def.name, index);
         }
+        tracing::info!(indexes = open.len(), ms = started.elapsed().as_millis() as u64, "query state loaded");
         let replayed = commit::replay(&records, &by_uid)?;
         for index in open.values() {
             log.register(index.clone());

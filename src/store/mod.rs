@@ -136,6 +136,14 @@ pub trait Catalog: Send + Sync {
     fn list(&self) -> Result<Vec<IndexDef>, StoreError>;
     /// Makes every applied batch durable (`IndexStore::apply` alone need not).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Bounds the backend's own crash recovery, when enough was applied since the last time or
+    /// when `force`d (sled replays everything written since it last opened its database: a
+    /// checkpoint closes and reopens it, and reads and writes wait meanwhile). Returns how long
+    /// it took, or `None` when nothing was due.
+    fn checkpoint(&self, force: bool) -> Result<Option<std::time::Duration>, StoreError> {
+        let _ = force;
+        Ok(None)
+    }
 }
 
 /// The persisted data of one index: buckets keyed by table and code, items, embeddings.
