@@ -584,9 +584,9 @@ impl SledIndex {
             edit.write(&mut batch);
         }
         records.write(&mut batch);
-        batch.insert(keys::NEXT_ITEM.to_vec(), next.to_be_bytes());
-        batch.insert(keys::ITEM_COUNT.to_vec(), count.to_be_bytes());
-        batch.insert(keys::APPLIED.to_vec(), position.to_be_bytes());
+        batch.insert(keys::NEXT_ITEM, next.to_be_bytes());
+        batch.insert(keys::ITEM_COUNT, count.to_be_bytes());
+        batch.insert(keys::APPLIED, position.to_be_bytes());
         let bytes = batch.bytes;
         tree.apply_batch(batch.batch)?;
         Ok(bytes)
@@ -679,8 +679,8 @@ impl RecordEdits {
         for (chunk, records) in self.chunks {
             let key = keys::record_chunk(chunk);
             match records.is_empty() {
-                true => batch.remove(&key),
-                false => batch.insert(&key, keys::encode_record_chunk(records.iter().map(|(n, r)| (*n, r.as_slice())))),
+                true => batch.remove(key),
+                false => batch.insert(key, keys::encode_record_chunk(records.iter().map(|(n, r)| (*n, r.as_slice())))),
             }
         }
     }
@@ -827,16 +827,16 @@ impl BucketEdit {
         for chunk in self.sealed_dirty {
             let key = keys::bucket_chunk(self.table, self.code, chunk);
             match self.sealed.get(&chunk) {
-                Some(items) if !items.is_empty() => batch.insert(&key, keys::encode_items(items)),
-                _ => batch.remove(&key),
+                Some(items) if !items.is_empty() => batch.insert(key, keys::encode_items(items)),
+                _ => batch.remove(key),
             }
         }
         if self.open_dirty {
             let key = keys::bucket_chunk(self.table, self.code, keys::OPEN_CHUNK);
             if self.open.is_empty() && self.sealed_count == 0 {
-                batch.remove(&key);
+                batch.remove(key);
             } else {
-                batch.insert(&key, keys::encode_open_chunk(self.sealed_count, &self.open));
+                batch.insert(key, keys::encode_open_chunk(self.sealed_count, &self.open));
             }
         }
     }
