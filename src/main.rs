@@ -150,7 +150,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if config.checkpoint_on_shutdown {
         let started = std::time::Instant::now();
         let data_dir = config.storage.data_dir.clone();
-        match tokio::task::spawn_blocking(move || SledCatalog::checkpoint(&data_dir)).await? {
+        match tokio::task::spawn_blocking(move || SledCatalog::checkpoint_closed(&data_dir)).await? {
             Ok(()) => tracing::info!(ms = started.elapsed().as_millis(), "database checkpointed for a fast start"),
             // A call still running past the grace period holds the database: the next start replays the log.
             Err(error) => tracing::warn!(%error, "no checkpoint; the next start replays the log"),

@@ -49,6 +49,7 @@ pub(crate) fn run_applier(shared: Arc<LogShared>) {
 /// One round: every index's oldest pending batches (up to `max_apply_operations`) into the
 /// store, one sync, then the query state and the log catch up.
 pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
+    let _applying = shared.applying.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let mut applied = Vec::new();
     let mut operations = 0;

@@ -89,6 +89,9 @@ pub(crate) struct LogShared {
     indexes: Mutex<HashMap<u64, Arc<Index>>>,
     sender: Mutex<Option<mpsc::Sender<Submission>>>,
     signal: Mutex<Signal>,
+    /// Held while a group is applied: the applier thread and `Engine::apply_now` must never
+    /// apply the same batches twice.
+    pub(crate) applying: Mutex<()>,
     /// Wakes the applier (work logged, or stop).
     pub(crate) work: Condvar,
     /// Wakes writers waiting for the applier to catch up.
@@ -120,6 +123,7 @@ impl LogShared {
             indexes: Mutex::new(HashMap::new()),
             sender: Mutex::new(None),
             signal: Mutex::new(Signal::default()),
+            applying: Mutex::new(()),
             work: Condvar::new(),
             room: Condvar::new(),
         }
