@@ -164,11 +164,6 @@ impl LogShared {
         Ok(())
     }
 
-    /// Bytes the log holds on disk.
-    pub(crate) fn log_bytes(&self) -> u64 {
-        self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.bytes()
-    }
-
     pub(crate) fn set_sender(&self, sender: Option<mpsc::Sender<Submission>>) {
         *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = sender;
     }

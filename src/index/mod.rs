@@ -356,11 +356,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Bytes the write-ahead log holds on disk.
-    pub fn log_bytes(&self) -> u64 {
-        self.log.log_bytes()
-    }
-
     /// Stops as a crash would leave the store: logged batches not yet applied stay in the log
     /// only (tests of recovery within one process, which cannot kill itself).
     #[cfg(test)]

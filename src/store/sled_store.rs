@@ -851,17 +851,7 @@ mod tests {
     use super::*;
 
     fn def(name: &str, dim: u32, tables: u32) -> IndexDef {
-        IndexDef {
-            name: name.into(),
-            dim,
-            hash_bits: 8,
-            tables,
-            seed: 1,
-            model: String::new(),
-            created_at: 0,
-            sketch_bits: 0,
-            stores_vectors: true,
-        }
+        crate::store::conformance::def(name, dim, tables, 0)
     }
 
     fn planes(hyperplanes: &[f32]) -> IndexParams<'_> {

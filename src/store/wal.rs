@@ -148,11 +148,6 @@ impl Wal {
         Ok(removed)
     }
 
-    /// Bytes in all segments.
-    pub fn bytes(&self) -> u64 {
-        self.segments.iter().filter_map(|s| std::fs::metadata(&s.path).ok()).map(|m| m.len()).sum()
-    }
-
     fn roll(&mut self) -> Result<(), StoreError> {
         self.active.sync_data()?;
         let path = segment_path(&self.dir, self.next);
