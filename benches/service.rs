@@ -2,6 +2,7 @@
 //!
 //!     cargo bench --bench service                 # 100k vectors; K=8 L=10 and K=12 L=16
 //!     cargo bench --bench service -- --items 1000000 --shapes 12:16 --streams 4
+//!     cargo bench --bench service -- --items 100000 --shapes 12:16 --streams 4 --replace-rounds 5
 //!
 //! Prints, in one run:
 //! - vectors/s acknowledged (durable), and the machine's floor beside it: the same vectors over
@@ -42,10 +43,12 @@ struct Args {
     streams: usize,
     /// (K, L) pairs.
     shapes: Vec<(u32, u32)>,
+    /// Loads of the same ids for the replace-heavy run (0: none).
+    replace_rounds: usize,
 }
 
 fn args() -> Args {
-    let mut a = Args { items: 100_000, queries: 1_000, streams: 1, shapes: vec![(8, 10), (12, 16)] };
+    let mut a = Args { items: 100_000, queries: 1_000, streams: 1, shapes: vec![(8, 10), (12, 16)], replace_rounds: 0 };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < argv.len() {
@@ -54,6 +57,7 @@ fn args() -> Args {
             "--items" => a.items = value.parse().expect("--items N"),
             "--queries" => a.queries = value.parse().expect("--queries N"),
             "--streams" => a.streams = value.parse().expect("--streams N"),
+            "--replace-rounds" => a.replace_rounds = value.parse().expect("--replace-rounds N"),
             "--shapes" => {
                 a.shapes = value
                     .split(',')
@@ -386,6 +390,53 @@ impl RssSampler {
     }
 }
 
+/// Loads the same ids `rounds` times (each load replaces the last) and prints the disk after the
+/// first load and after the last, each measured after a clean stop (everything applied).
+async fn replace_heavy((bits, tables_count): (u32, u32), a: &Args, data: &[f32]) {
+    let dir = tempfile::tempdir().unwrap();
+    let rows: Vec<&[f32]> = data.chunks(DIM).collect();
+    let per_stream = rows.len().div_ceil(a.streams);
+    let mut after_first = 0;
+    let t = Instant::now();
+    for round in 0..a.replace_rounds {
+        let server = Server::start(dir.path());
+        if round == 0 {
+            let request = CreateIndexRequest {
+                name: "bench".into(),
+                dim: DIM as u32,
+                hash_bits: bits,
+                tables: tables_count,
+                seed: 1,
+                ..Default::default()
+            };
+            server.client().await.create_index(request).await.unwrap();
+        }
+        let (indexed, _) = ingest_all(&server.1, &rows, per_stream).await;
+        assert_eq!(indexed, rows.len());
+        server.terminate();
+        if round == 0 {
+            after_first = dir_bytes(dir.path());
+        }
+    }
+    let after_all = dir_bytes(dir.path());
+    for part in ["sled", "vectors", "wal"] {
+        println!("  {part}: {} MB", dir_bytes(&dir.path().join(part)) >> 20);
+    }
+    let items = rows.len() as f64;
+    println!(
+        "replace-heavy, K={bits} L={tables_count}: {} ids loaded {} times in {:.0} s; disk after one load {:.0} B/item ({} MB), after {} loads {:.0} B/item ({} MB): {:.2}×",
+        rows.len(),
+        a.replace_rounds,
+        t.elapsed().as_secs_f64(),
+        after_first as f64 / items,
+        after_first >> 20,
+        a.replace_rounds,
+        after_all as f64 / items,
+        after_all >> 20,
+        after_all as f64 / after_first as f64
+    );
+}
+
 fn main() {
     let a = args();
     let data = clustered(a.items, 1, 1);
@@ -400,6 +451,12 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if a.replace_rounds > 0 {
+        for &shape in &a.shapes {
+            rt.block_on(replace_heavy(shape, &a, &data));
+        }
+        return;
+    }
     for &shape in &a.shapes {
         rt.block_on(run(shape, &a, &data, &queries, &truth));
     }

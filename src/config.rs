@@ -100,6 +100,16 @@ pub struct WriteConfig {
     /// bounds what a start replays from the log.
     #[arg(long, env = "IMAGELSH_MAX_LOG_LAG_ITEMS", default_value_t = crate::index::WriteOptions::default().max_lag_operations)]
     pub max_log_lag_items: usize,
+
+    /// sled's files are rewritten (copied into a fresh database, swapped in) once the items
+    /// removed since the last rewrite reach this share of the live items (0: never while
+    /// serving; `imagelsh compact` does it offline). Writes wait during the copy.
+    #[arg(long, env = "IMAGELSH_COMPACT_REMOVED_SHARE", default_value_t = crate::index::WriteOptions::default().compact_removed_share)]
+    pub compact_removed_share: f64,
+
+    /// …and at least this many items were removed.
+    #[arg(long, env = "IMAGELSH_COMPACT_MIN_REMOVED", default_value_t = crate::index::WriteOptions::default().compact_min_removed)]
+    pub compact_min_removed: u64,
 }
 
 impl WriteConfig {
@@ -111,6 +121,8 @@ impl WriteConfig {
             max_apply_operations: self.max_apply_items.max(1),
             max_lag_operations: self.max_log_lag_items.max(1),
             fsync,
+            compact_removed_share: self.compact_removed_share,
+            compact_min_removed: self.compact_min_removed,
         }
     }
 }

@@ -1,14 +1,14 @@
 //! The crash harness: concurrent streams ingest, replace and delete while the server is killed
 //! at random moments (SIGKILL after a random time, or an abort at a named crash point: during a
 //! group apply, between the store's write and its sync, right after the log is cut, while sled
-//! is closed for a checkpoint, …); some
+//! is closed for a checkpoint, right after replaced and deleted items' space is freed, during a rewrite of sled's files, …); some
 //! trials also leave a torn tail (a partial log record, garbage, a half-written embedding
 //! record). After each kill the server restarts on the same directory, which must open without
 //! repair, and every acknowledged write must be there in full: each live item found by its own
 //! embedding in all L tables with its label and metadata, by both plans; each deleted item gone.
 //! The directory carries over from trial to trial, so later trials crash a longer history.
 //!
-//!     cargo test --test crash                                   # 10 trials (CI)
+//!     cargo test --test crash                                   # 14 trials (CI)
 //!     IMAGELSH_CRASH_TRIALS=50 cargo test --release --test crash -- --nocapture
 
 mod common;
@@ -44,6 +44,8 @@ const SERVER_ARGS: &[&str] = &[
     "3000",
     "--checkpoint-kb",
     "256",
+    "--compact-min-removed",
+    "1000",
 ];
 /// Where an armed server aborts (see `imagelsh::failpoint`).
 const CRASH_POINTS: &[&str] = &[
@@ -54,6 +56,9 @@ const CRASH_POINTS: &[&str] = &[
     "store-synced",
     "log-dropped",
     "checkpoint-closed",
+    "space-reclaimed",
+    "compaction-copied",
+    "compaction-swapped",
 ];
 
 /// What an id holds: the version written (its label is `v{version}`), or deleted.
@@ -232,16 +237,18 @@ fn tear(dir: &Path, rng: &mut Rng) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kills_at_random_moments() {
-    let trials: usize = std::env::var("IMAGELSH_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let trials: usize = std::env::var("IMAGELSH_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(14);
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(0xC0FFEE);
     let mut models: Vec<StreamModel> = (0..STREAMS).map(|_| StreamModel::default()).collect();
     let (mut checked, mut writes) = (0, 0);
     for trial in 0..trials {
         // One trial in four is a SIGKILL at a random moment; the others abort at the crash
-        // points in turn (ten trials reach each point once).
+        // points in turn (fourteen trials reach each point once).
         let crash_point = (trial % 4 != 0).then(|| CRASH_POINTS[(trial - trial / 4 - 1) % CRASH_POINTS.len()]);
-        let spec = crash_point.map(|p| format!("{p}:{}", 1 + rng.next_u64() % 15));
+        // Checkpoints and rewrites come a few times a trial, the other points many times.
+        let reached_rarely = |p: &str| p.starts_with("checkpoint") || p.starts_with("compaction");
+        let spec = crash_point.map(|p| format!("{p}:{}", 1 + rng.next_u64() % if reached_rarely(p) { 2 } else { 15 }));
         let env: Vec<(&str, &str)> = spec.iter().map(|s| ("IMAGELSH_CRASH_AT", s.as_str())).collect();
         let mut server = TestServer::start_with_env(dir.path(), SERVER_ARGS, &env);
         if trial == 0 {

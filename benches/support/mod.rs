@@ -9,7 +9,8 @@ pub fn dir_bytes(path: &Path) -> u64 {
             rd.flatten()
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
+                    // Allocated blocks, as `du` counts: holes punched in record files are free.
+                    Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
                     Err(_) => 0,
                 })
                 .sum()

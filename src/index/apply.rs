@@ -4,6 +4,7 @@
 //! query state forgets those batches and log segments behind every index are deleted.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::IndexError;
@@ -12,6 +13,12 @@ use crate::store::StoreError;
 
 /// Runs until told to stop, and then applies everything still pending before it returns.
 pub(crate) fn run_applier(shared: Arc<LogShared>) {
+    // Space that a crash between an apply and its reclaim left behind.
+    for index in shared.indexes() {
+        if let Err(error) = index.reclaim_all() {
+            tracing::warn!(%error, index = %index.def().name, "freeing removed items' records failed");
+        }
+    }
     loop {
         let stopping = {
             let mut signal = shared.signal();
@@ -46,6 +53,31 @@ pub(crate) fn run_applier(shared: Arc<LogShared>) {
     }
 }
 
+/// Whether the items removed since the last rewrite of the store's files (`since`) are due one.
+fn compaction_due(shared: &LogShared, since: u64) -> bool {
+    let share = shared.options.compact_removed_share;
+    if share <= 0.0 || since < shared.options.compact_min_removed {
+        return false;
+    }
+    let live: u64 = shared.indexes().iter().map(|index| index.state().count()).sum();
+    since as f64 >= share * live as f64
+}
+
+/// Rewrites the store's files (the applier holds `applying`: nothing is applied meanwhile).
+pub(crate) fn compact(shared: &LogShared) -> Result<(), IndexError> {
+    if let Some(done) = shared.catalog.compact()? {
+        shared.removed_since_compaction.store(0, Ordering::Relaxed);
+        tracing::info!(
+            before_mb = done.before >> 20,
+            after_mb = done.after >> 20,
+            copy_ms = done.copied.as_millis() as u64,
+            pause_ms = done.paused.as_millis() as u64,
+            "store rewritten: writes waited during the copy, reads and writes during the pause"
+        );
+    }
+    Ok(())
+}
+
 /// One round: every index's oldest pending batches (up to `max_apply_operations`) into the
 /// store, one sync, then the query state and the log catch up.
 pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
@@ -61,7 +93,8 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
             Ok(()) => {
                 crate::failpoint::crash_point("group-applied");
                 operations += refs.iter().map(|b| b.items.len() + b.removals.len()).sum::<usize>();
-                applied.push((index, last));
+                let removed: Vec<u32> = refs.iter().flat_map(|b| b.removals.iter().map(|r| r.number)).collect();
+                applied.push((index, last, removed));
             }
             // Dropped meanwhile: its batches go with it.
             Err(StoreError::Dropped(_)) => {}
@@ -73,12 +106,28 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     }
     shared.catalog.sync()?;
     crate::failpoint::crash_point("store-synced");
-    for (index, last) in &applied {
+    for (index, last, _) in &applied {
         index.state_mut().applied(*last);
     }
     shared.drop_applied_log()?;
     crate::failpoint::crash_point("log-dropped");
-    if let Some(pause) = shared.catalog.checkpoint(false)? {
+    // The store holds the removals durably now: the removed items' records can go.
+    let mut reclaimed = 0;
+    for (index, _, removed) in &applied {
+        match index.reclaim_removed(removed) {
+            Ok(bytes) => reclaimed += bytes,
+            Err(IndexError::Store(StoreError::Dropped(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if reclaimed > 0 {
+        crate::failpoint::crash_point("space-reclaimed");
+    }
+    let removed: usize = applied.iter().map(|(_, _, r)| r.len()).sum();
+    let since = shared.removed_since_compaction.fetch_add(removed as u64, Ordering::Relaxed) + removed as u64;
+    if compaction_due(shared, since) {
+        compact(shared)?;
+    } else if let Some(pause) = shared.catalog.checkpoint(false)? {
         tracing::info!(ms = pause.as_millis() as u64, "store checkpointed: reads and writes waited this long");
     }
     {
@@ -86,6 +135,6 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
         signal.oldest = (shared.pending() > 0).then(Instant::now);
     }
     shared.room.notify_all();
-    tracing::debug!(operations, ms = started.elapsed().as_millis() as u64, "applied logged batches");
+    tracing::debug!(operations, reclaimed, ms = started.elapsed().as_millis() as u64, "applied logged batches");
     Ok(())
 }

@@ -11,6 +11,7 @@ mod state;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -422,6 +423,10 @@ pub struct Index {
     /// Bytes of sketches up to which `SearchPlan::Auto` scans.
     full_scan_threshold: u64,
     state: RwLock<QueryState>,
+    /// Held shared by every query while it reads embeddings; the applier takes it exclusively
+    /// (and lets go at once) before freeing removed items' records, so that a query that saw
+    /// such an item live before its removal has finished reading it.
+    readers: RwLock<()>,
     log: Arc<LogShared>,
     dropped: AtomicBool,
 }
@@ -465,6 +470,7 @@ impl Index {
             sketch,
             full_scan_threshold,
             state: RwLock::new(state),
+            readers: RwLock::new(()),
             log,
             dropped: AtomicBool::new(false),
         };
@@ -585,6 +591,32 @@ impl Index {
         self.log.submit(self.clone(), WriteRequest::Delete(ids.to_vec()))
     }
 
+    /// Frees the records of items that the applied batches removed (and of removed neighbours,
+    /// so that whole file-system blocks come free); returns the bytes freed.
+    fn reclaim_removed(&self, removed: &[u32]) -> Result<u64, IndexError> {
+        // Far enough that a block of small sketch records next to a removed item comes free.
+        const REACH: u32 = 256;
+        let runs = self.state().reclaimable(removed, REACH);
+        self.reclaim_runs(&runs)
+    }
+
+    /// Frees the records of every item the store holds as removed (a pass over liveness; at
+    /// start and by `imagelsh compact`, for what an interrupted reclaim left); returns the bytes
+    /// freed, holes already punched counted again.
+    pub fn reclaim_all(&self) -> Result<u64, IndexError> {
+        let runs = self.state().all_reclaimable();
+        self.reclaim_runs(&runs)
+    }
+
+    fn reclaim_runs(&self, runs: &[Range<u32>]) -> Result<u64, IndexError> {
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        // Every query from now on sees these items as removed; wait for those that started before.
+        drop(self.readers.write().unwrap_or_else(|e| e.into_inner()));
+        Ok(self.store.reclaim(runs)?)
+    }
+
     /// The live item an id names, logged or applied.
     fn item_number(&self, id: &str) -> Result<Option<u32>, IndexError> {
         match self.state().id(id) {
@@ -620,6 +652,7 @@ impl Index {
     }
 
     pub fn query(&self, by: QueryBy, options: &QueryOptions) -> Result<QueryResult, IndexError> {
+        let _reading = self.readers.read().unwrap_or_else(|e| e.into_inner());
         let top_k = match options.top_k {
             0 => DEFAULT_TOP_K,
             k if k > MAX_TOP_K => {

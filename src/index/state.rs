@@ -4,7 +4,8 @@
 //! applier takes batches out once the store holds them. Queries see exactly what was
 //! acknowledged: the store's applied part, with this tail over it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::store::{ItemWrite, Position, StoreBatch, StoredState};
@@ -181,6 +182,59 @@ impl QueryState {
         }
     }
 
+    /// Maximal runs of items that the store holds as removed, around each of `removed` (items
+    /// just removed by an applied batch), reaching at most `reach` items to either side: the
+    /// records whose space can be given back. Items that only a logged, unapplied batch
+    /// removes are left out (after a crash the store holds them live until the batch is
+    /// applied again), as are items not yet applied.
+    pub(crate) fn reclaimable(&self, removed: &[u32], reach: u32) -> Vec<Range<u32>> {
+        let applied_next = self.tail.items.keys().min().copied().unwrap_or(self.next);
+        let pending: HashSet<u32> =
+            self.tail.batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
+        let dead = |n: u32| n < applied_next && !self.is_live(n) && !pending.contains(&n);
+        let mut removed = removed.to_vec();
+        removed.sort_unstable();
+        removed.dedup();
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        for n in removed {
+            if !dead(n) || runs.last().is_some_and(|r| r.contains(&n)) {
+                continue;
+            }
+            let mut start = n;
+            while start > 0 && n - start < reach && dead(start - 1) {
+                start -= 1;
+            }
+            let mut end = n + 1;
+            while end - n <= reach && dead(end) {
+                end += 1;
+            }
+            match runs.last_mut() {
+                Some(last) if last.end >= start => last.end = last.end.max(end),
+                _ => runs.push(start..end),
+            }
+        }
+        runs
+    }
+
+    /// Every maximal run of items that the store holds as removed (what an interrupted or
+    /// earlier reclaim may have left).
+    pub(crate) fn all_reclaimable(&self) -> Vec<Range<u32>> {
+        let applied_next = self.tail.items.keys().min().copied().unwrap_or(self.next);
+        let pending: HashSet<u32> =
+            self.tail.batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        for n in 0..applied_next {
+            if self.is_live(n) || pending.contains(&n) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last) if last.end == n => last.end = n + 1,
+                _ => runs.push(n..n + 1),
+            }
+        }
+        runs
+    }
+
     fn forget_id(&mut self, id: &str, applied: Position) {
         if self.tail.ids.get(id).is_some_and(|(_, p)| *p <= applied) {
             self.tail.ids.remove(id);
@@ -233,5 +287,24 @@ mod tests {
         state.applied(2);
         assert_eq!((state.first_pending(), state.pending(), state.id("b")), (None, 0, TailId::Unknown));
         assert_eq!(state.live_words(), [0b11100], "liveness stays");
+    }
+
+    #[test]
+    fn reclaimable_runs_cover_only_what_the_store_holds_as_removed() {
+        // Items 0..10 applied; 1, 2, 3 and 6 removed by applied batches; 7 removed by a batch
+        // still in the log; 10 and 11 logged, not applied.
+        let mut live = 0b11_1111_1111u64;
+        for n in [1, 2, 3, 6, 7] {
+            live &= !(1 << n);
+        }
+        let stored = StoredState { next: 10, count: 5, applied: 0, live: vec![live], sketches: vec![] };
+        let mut state = QueryState::new(stored, 1, 0);
+        let removal = Removal { number: 7, codes: vec![0], deleted_id: Some("h".into()) };
+        state.logged(1, Arc::new(StoreBatch { removals: vec![removal], items: vec![write(10, "k", &[0])] }));
+        assert_eq!(state.reclaimable(&[2], 8), vec![1..4]);
+        assert_eq!(state.reclaimable(&[2], 0), vec![2..3], "reach bounds the run");
+        assert_eq!(state.reclaimable(&[6, 3, 2], 8), [1..4, 6..7], "7 is removed only in the log");
+        assert!(state.reclaimable(&[7, 10, 5], 8).is_empty(), "logged, not applied, or live");
+        assert_eq!(state.all_reclaimable(), [1..4, 6..7]);
     }
 }

@@ -160,6 +160,43 @@ pub(super) fn sketches_of_the_wrong_size_are_refused(catalog: &dyn Catalog) {
     assert_eq!(store.load().unwrap().applied, 0, "a refused group changes nothing");
 }
 
+pub(super) fn reclaimed_and_compacted_stores_keep_every_live_item(catalog: &dyn Catalog) {
+    let store = create(catalog, &def("a", 2, 2, 64));
+    let items: Vec<_> =
+        (0..200u32).map(|i| write(i, &format!("i{i}"), &[u64::from(i % 3), 9], &[u64::from(i)])).collect();
+    let vectors: Vec<[f32; 2]> = (0..200).map(|i| [i as f32, 1.0]).collect();
+    store.write_vectors(0, &vectors.iter().map(|v| v.as_slice()).collect::<Vec<_>>()).unwrap();
+    store.sync_vectors().unwrap();
+    store.apply(&[&writes(items)], 1).unwrap();
+    // Items 10..150 deleted; their records may then be freed.
+    let removals = (10..150u32)
+        .map(|i| Removal { number: i, codes: vec![u64::from(i % 3), 9], deleted_id: Some(format!("i{i}")) })
+        .collect();
+    store.apply(&[&StoreBatch { removals, items: vec![] }], 2).unwrap();
+    catalog.sync().unwrap();
+    let dead = std::slice::from_ref(&(10..150));
+    store.reclaim(dead).unwrap();
+    catalog.compact().unwrap();
+    let uid = store.uid();
+    let store = catalog.open("a").unwrap().unwrap();
+    assert_eq!(store.uid(), uid);
+    let loaded = store.load().unwrap();
+    assert_eq!((loaded.next, loaded.count, loaded.applied), (200, 60, 2));
+    let live: Vec<u32> = (0..200).filter(|&n| loaded.live[n as usize / 64] & (1 << (n % 64)) != 0).collect();
+    assert_eq!(live, (0..10).chain(150..200).collect::<Vec<_>>());
+    for n in [0u32, 9, 150, 199] {
+        assert_eq!(loaded.sketches[n as usize], u64::from(n), "sketch of live item {n}");
+        assert_eq!(store.vector(n).unwrap(), vectors[n as usize]);
+    }
+    assert_eq!(bucket(&*store, 1, 9), live);
+    assert_eq!(store.items(&[5, 50, 155]).unwrap().iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["i5", "i155"]);
+    assert_eq!(store.item_number("i160").unwrap(), Some(160));
+    // The catalog still works after the rewrite: writes land, uids stay unique.
+    store.apply(&[&writes(vec![write(200, "new", &[0, 9], &[7])])], 3).unwrap();
+    assert_eq!(store.load().unwrap().count, 61);
+    assert_ne!(create(catalog, &def("b", 2, 1, 0)).uid(), uid);
+}
+
 /// Runs every case of the suite against a backend, each on a catalog of its own.
 macro_rules! store_conformance {
     ($backend:ident, $catalog:expr) => {
@@ -186,6 +223,10 @@ macro_rules! store_conformance {
             #[test]
             fn embeddings_are_written_read_and_cut() {
                 suite::embeddings_are_written_read_and_cut(&$catalog);
+            }
+            #[test]
+            fn reclaimed_and_compacted_stores_keep_every_live_item() {
+                suite::reclaimed_and_compacted_stores_keep_every_live_item(&$catalog);
             }
             #[test]
             fn sketches_of_the_wrong_size_are_refused() {

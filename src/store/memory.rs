@@ -4,6 +4,7 @@
 //! every backend's.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -280,6 +281,12 @@ impl IndexStore for MemoryIndex {
             f(i, v);
         }
         Ok(())
+    }
+
+    fn reclaim(&self, _dead: &[Range<u32>]) -> Result<u64, StoreError> {
+        // Embeddings sit in one dense array indexed by item number: a slot cannot be freed
+        // without renumbering, and this backend lives only as long as its process anyway.
+        Ok(0)
     }
 
     fn destroy(&self) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@ mod sled_store;
 pub mod wal;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub use memory::MemoryCatalog;
@@ -144,6 +145,22 @@ pub trait Catalog: Send + Sync {
         let _ = force;
         Ok(None)
     }
+    /// Rewrites the backend's own files so that the space of removed data comes back (for sled:
+    /// a copy into a fresh database, swapped in). `None` where the backend has nothing to do.
+    fn compact(&self) -> Result<Option<Compaction>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// What a rewrite of the backend's files did (`Catalog::compact`).
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    /// Bytes of disk the backend's files took before and after.
+    pub before: u64,
+    pub after: u64,
+    /// Time copying (writes waited, reads went on) and swapping (everything waited).
+    pub copied: std::time::Duration,
+    pub paused: std::time::Duration,
 }
 
 /// The persisted data of one index: buckets keyed by table and code, items, embeddings.
@@ -190,6 +207,10 @@ pub trait IndexStore: Send + Sync {
         self.for_each_vector(&[number], &mut |_, v| out = v.to_vec())?;
         Ok(out)
     }
+    /// Frees the space of the embedding and sketch records of the items in `dead` (runs of
+    /// item numbers): items removed by applied batches, whose records are never read again.
+    /// Returns the bytes freed (0 where the backend cannot free part of a record).
+    fn reclaim(&self, dead: &[Range<u32>]) -> Result<u64, StoreError>;
     /// Removes the index and all its data; later calls on this handle fail with `Dropped`.
     fn destroy(&self) -> Result<(), StoreError>;
 }

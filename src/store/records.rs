@@ -8,6 +8,7 @@
 //! system call), remapped after every write.
 
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::RwLock;
@@ -135,19 +136,74 @@ impl RecordFile {
         Ok(())
     }
 
-    /// Calls `f(item, payload)` for each of the first `count` records, in order, each checked.
+    /// Calls `f(item, payload)` for each of the first `count` records, in order: the records of
+    /// items `is_live` accepts checked, the others (their space may be reclaimed) given as zeros.
     /// One read of the whole file.
-    pub fn read_all(&self, count: u32, mut f: impl FnMut(u32, &[u8])) -> Result<(), StoreError> {
+    pub fn read_all(
+        &self,
+        count: u32,
+        is_live: impl Fn(u32) -> bool,
+        mut f: impl FnMut(u32, &[u8]),
+    ) -> Result<(), StoreError> {
         let mut buf = vec![0u8; self.offset(count) as usize];
         self.file.read_exact_at(&mut buf, 0).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => StoreError::Corrupt(format!("fewer than {count} records")),
             _ => e.into(),
         })?;
+        let zeros = vec![0u8; self.payload_len];
         for (item, record) in (0..count).zip(buf.chunks_exact(self.record_len() as usize)) {
-            f(item, check(record, item)?);
+            match is_live(item) {
+                true => f(item, check(record, item)?),
+                false => f(item, &zeros),
+            }
         }
         Ok(())
     }
+
+    /// Gives the disk space of the records of items in `dead` back to the file system (a hole
+    /// punched in the file; its length stays, so offsets do not move). Only whole file-system
+    /// blocks inside a range are freed, so pass maximal runs of dead items. The records must
+    /// never be read again. Returns the bytes freed.
+    pub fn reclaim(&self, dead: &[Range<u32>]) -> Result<u64, StoreError> {
+        let end = self.file.metadata()?.len();
+        let mut freed = 0;
+        for run in dead {
+            let start = self.offset(run.start).div_ceil(RECLAIM_BLOCK) * RECLAIM_BLOCK;
+            let stop = (self.offset(run.end).min(end) / RECLAIM_BLOCK) * RECLAIM_BLOCK;
+            if stop > start {
+                punch_hole(&self.file, start, stop - start)?;
+                freed += stop - start;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Bytes of disk the file takes (blocks allocated, holes not counted).
+    #[cfg(test)]
+    pub fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}
+
+/// Holes are punched in units of this many bytes (the block size of ext4, XFS and btrfs as
+/// configured almost everywhere; a larger block only frees less).
+const RECLAIM_BLOCK: u64 = 4096;
+
+#[cfg(target_os = "linux")]
+fn punch_hole(file: &File, offset: u64, len: u64) -> Result<(), StoreError> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    match fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+        Ok(()) => Ok(()),
+        // A file system without holes keeps the bytes: nothing is lost but space.
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(StoreError::Io(e.into())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn punch_hole(_file: &File, _offset: u64, _len: u64) -> Result<(), StoreError> {
+    Ok(())
 }
 
 /// Asks the CPU to start loading `bytes` into its caches (a hint: no effect on what is read).
@@ -245,7 +301,7 @@ mod tests {
         write_f32s(&vf, 0, &[&a, &b]);
         assert_eq!(read_f32s(&vf, 1).unwrap(), b);
         let mut seen = Vec::new();
-        vf.read_all(2, |item, p| seen.push((item, p.len()))).unwrap();
+        vf.read_all(2, |_| true, |item, p| seen.push((item, p.len()))).unwrap();
         assert_eq!(seen, [(0, 12), (1, 12)]);
         drop(vf);
         // Only the first item committed: the second record goes.
@@ -264,9 +320,33 @@ mod tests {
         file.write_batch(0, 3, |i, buf| put_u64s(&[i as u64 * 7], buf)).unwrap();
         assert!(file.map.read().unwrap().is_none());
         let mut words = Vec::new();
-        file.read_all(3, |_, p| get_u64s(p, &mut words)).unwrap();
+        file.read_all(3, |_| true, |_, p| get_u64s(p, &mut words)).unwrap();
         assert_eq!(words, [0, 7, 14]);
-        assert!(matches!(file.read_all(4, |_, _| ()), Err(StoreError::Corrupt(_))));
+        assert!(matches!(file.read_all(4, |_| true, |_, _| ()), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn reclaimed_records_free_their_blocks_and_leave_the_others_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        // 5 KB payloads, as embeddings of 1280 f32s.
+        let file = RecordFile::open(&dir.path().join("v"), 5120, Access::Mapped).unwrap();
+        let rows: Vec<Vec<f32>> = (0..100).map(|i| vec![i as f32; 1280]).collect();
+        file.write_batch(0, rows.len(), |i, buf| put_f32s(&rows[i], buf)).unwrap();
+        file.sync().unwrap();
+        let before = file.allocated_bytes().unwrap();
+        let freed = file.reclaim(&[10..60, 99..100]).unwrap();
+        let after = file.allocated_bytes().unwrap();
+        // 50 records of 5,128 bytes: all but the partial blocks at both ends.
+        assert!(freed >= 49 * 5128 - 8192, "freed {freed}");
+        assert!(before - after >= freed - 8192, "allocated {before} → {after}, freed {freed}");
+        let live = |n: u32| !(10..60).contains(&n) && n != 99;
+        let mut seen = Vec::new();
+        file.read_all(100, live, |n, p| seen.push((n, p[0..4] == (n as f32).to_le_bytes() || !live(n)))).unwrap();
+        assert!(seen.iter().all(|&(_, ok)| ok));
+        for n in [9, 60, 98] {
+            assert_eq!(read_f32s(&file, n).unwrap(), rows[n as usize]);
+        }
+        assert_eq!(std::fs::metadata(dir.path().join("v")).unwrap().len(), 100 * 5128, "offsets stay");
     }
 
     #[test]
@@ -285,6 +365,6 @@ mod tests {
         write_f32s(&vf, 0, &[&[1.0, 2.0]]);
         vf.file.write_all_at(&[0xff], 6).unwrap();
         assert!(matches!(read_f32s(&vf, 0), Err(StoreError::Corrupt(_))));
-        assert!(matches!(vf.read_all(1, |_, _| ()), Err(StoreError::Corrupt(_))));
+        assert!(matches!(vf.read_all(1, |_| true, |_, _| ()), Err(StoreError::Corrupt(_))));
     }
 }

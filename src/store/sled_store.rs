@@ -4,6 +4,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +16,9 @@ use prost::Message;
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
-use super::{Catalog, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoredItem, StoredState};
+use super::{
+    Catalog, Compaction, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoredItem, StoredState,
+};
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
 /// Item numbers per bucket chunk: an append rewrites one open chunk of at most 512 bytes,
@@ -94,6 +97,9 @@ struct Sled {
     open: RwLock<Option<OpenDb>>,
     /// Bytes applied since the database was last opened.
     written: AtomicU64,
+    /// Held shared by everything that writes the database, exclusively by a rewrite (which
+    /// copies it and must not miss a write).
+    writes: RwLock<()>,
 }
 
 impl Sled {
@@ -125,6 +131,117 @@ impl Sled {
         self.written.store(0, Ordering::Relaxed);
         Ok(started.elapsed())
     }
+
+    /// Rewrites the database into a fresh one, which holds only live data (sled reuses the
+    /// space of dead pages but never gives its file's high-water mark back), and swaps it in.
+    /// Reads go on during the copy; writes wait; everything waits during the swap, which
+    /// closes the old database and opens the new one (already snapshotted: a short open).
+    fn rewrite(&self) -> Result<Compaction, StoreError> {
+        let started = Instant::now();
+        let _writes = self.writes.write().unwrap_or_else(|e| e.into_inner());
+        let before = dir_bytes(&self.dir)?;
+        let copy_dir = rewrite_dir(&self.dir);
+        if copy_dir.exists() {
+            std::fs::remove_dir_all(&copy_dir)?;
+        }
+        self.with(|old| {
+            let copy = open_sled(sled::Config::new().path(&copy_dir).flush_every_ms(None))?;
+            for name in old.db.tree_names() {
+                let (from, to) = match &*name == DEFAULT_TREE {
+                    true => ((*old.db).clone(), (*copy).clone()),
+                    false => (old.db.open_tree(&name)?, copy.open_tree(&name)?),
+                };
+                let mut batch = sled::Batch::default();
+                let mut in_batch = 0;
+                for entry in from.iter() {
+                    let (key, value) = entry?;
+                    batch.insert(key, value);
+                    in_batch += 1;
+                    if in_batch == 4096 {
+                        to.apply_batch(std::mem::take(&mut batch))?;
+                        in_batch = 0;
+                    }
+                }
+                to.apply_batch(batch)?;
+            }
+            // Index uids are never reused: the copy's id generator starts past the old one's.
+            let floor = old.db.generate_id()?;
+            while copy.generate_id()? < floor {}
+            copy.flush()?;
+            Ok(())
+        })?;
+        // Opened once more and closed, the copy writes its snapshot: the swap's open is short.
+        open_sled(sled::Config::new().path(&copy_dir).flush_every_ms(None))?.flush()?;
+        sync_dir(&copy_dir)?;
+        crate::failpoint::crash_point("compaction-copied");
+        let copied = started.elapsed();
+        let swap_started = Instant::now();
+        {
+            let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(db) = open.take() {
+                drop(db);
+            }
+            let old_dir = replaced_dir(&self.dir);
+            std::fs::rename(&self.dir, &old_dir)?;
+            crate::failpoint::crash_point("compaction-swapped");
+            std::fs::rename(&copy_dir, &self.dir)?;
+            if let Some(parent) = self.dir.parent() {
+                sync_dir(parent)?;
+            }
+            *open = Some(OpenDb::open(&self.dir, &self.options)?);
+            self.written.store(0, Ordering::Relaxed);
+        }
+        let paused = swap_started.elapsed();
+        std::fs::remove_dir_all(replaced_dir(&self.dir))?;
+        Ok(Compaction { before, after: dir_bytes(&self.dir)?, copied, paused })
+    }
+}
+
+/// sled's name for its default tree (listed by `tree_names` with the others).
+const DEFAULT_TREE: &[u8] = b"__sled__default";
+
+/// Where a rewrite builds the new database, beside the live one.
+fn rewrite_dir(sled_dir: &Path) -> PathBuf {
+    sled_dir.with_file_name("sled.rewrite")
+}
+
+/// Where the old database goes during the swap.
+fn replaced_dir(sled_dir: &Path) -> PathBuf {
+    sled_dir.with_file_name("sled.replaced")
+}
+
+/// Finishes or undoes a rewrite that a crash interrupted: a complete copy is renamed into place
+/// only after the old database was moved aside, so an old database aside means the copy is
+/// complete; a copy beside a database in place is abandoned.
+fn recover_rewrite(sled_dir: &Path) -> Result<(), StoreError> {
+    let (copy, replaced) = (rewrite_dir(sled_dir), replaced_dir(sled_dir));
+    if !sled_dir.exists() && replaced.exists() {
+        let from = if copy.exists() { &copy } else { &replaced };
+        tracing::warn!(from = %from.display(), "finishing a database rewrite interrupted by a crash");
+        std::fs::rename(from, sled_dir)?;
+    }
+    for leftover in [copy, replaced] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(&leftover)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    Ok(File::open(dir)?.sync_all()?)
+}
+
+/// Bytes of disk a directory tree takes (allocated blocks).
+fn dir_bytes(path: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() { dir_bytes(&entry.path())? } else { meta.blocks() * 512 };
+    }
+    Ok(total)
 }
 
 pub struct SledCatalog {
@@ -140,9 +257,15 @@ impl SledCatalog {
         let sled_dir = data_dir.join("sled");
         let vectors_dir = data_dir.join("vectors");
         std::fs::create_dir_all(&vectors_dir)?;
+        recover_rewrite(&sled_dir)?;
         let open = OpenDb::open(&sled_dir, options)?;
-        let sled =
-            Sled { dir: sled_dir, options: options.clone(), open: RwLock::new(Some(open)), written: AtomicU64::new(0) };
+        let sled = Sled {
+            dir: sled_dir,
+            options: options.clone(),
+            open: RwLock::new(Some(open)),
+            written: AtomicU64::new(0),
+            writes: RwLock::new(()),
+        };
         let this = Self { sled: Arc::new(sled), vectors_dir, create_lock: Mutex::new(()) };
         this.sled.with(|db| this.collect_garbage(db))?;
         Ok(this)
@@ -286,6 +409,7 @@ fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
 impl Catalog for SledCatalog {
     fn create(&self, def: &IndexDef, params: IndexParams<'_>) -> Result<Arc<dyn IndexStore>, StoreError> {
         let _guard = self.create_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _writing = self.sled.writes.read().unwrap_or_else(|e| e.into_inner());
         let record = self.sled.with(|db| {
             if db.catalog.contains_key(def.name.as_bytes())? {
                 return Err(StoreError::AlreadyExists(def.name.clone()));
@@ -346,6 +470,10 @@ impl Catalog for SledCatalog {
             return Ok(None);
         }
         self.sled.checkpoint().map(Some)
+    }
+
+    fn compact(&self) -> Result<Option<Compaction>, StoreError> {
+        self.sled.rewrite().map(Some)
     }
 }
 
@@ -419,14 +547,17 @@ impl IndexStore for SledIndex {
                 None => 0,
                 Some(v) => keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("applied log position".into()))?,
             };
+            let live = live_items(tree, next)?;
             let mut sketches = Vec::new();
             if let Some(file) = &self.sketches {
                 // Records past `next` belong to a group whose sled batch never committed.
                 file.cut_to(next)?;
                 sketches.reserve(next as usize * self.words_per_item());
-                file.read_all(next, |_, payload| records::get_u64s(payload, &mut sketches))?;
+                // Dead items' records may have been reclaimed.
+                let is_live = |n: u32| live.get(n as usize / 64).is_some_and(|w| w & (1 << (n % 64)) != 0);
+                file.read_all(next, is_live, |_, payload| records::get_u64s(payload, &mut sketches))?;
             }
-            Ok(StoredState { next, count, applied, live: live_items(tree, next)?, sketches })
+            Ok(StoredState { next, count, applied, live, sketches })
         })
     }
 
@@ -459,6 +590,7 @@ impl IndexStore for SledIndex {
 
     fn apply(&self, batches: &[&StoreBatch], position: u64) -> Result<(), StoreError> {
         let _writer = self.lock_writer()?;
+        let _writing = self.sled.writes.read().unwrap_or_else(|e| e.into_inner());
         let written = self.with_tree(|tree| self.apply_to(tree, batches, position))?;
         self.sled.written.fetch_add(written, Ordering::Relaxed);
         Ok(())
@@ -505,8 +637,17 @@ impl IndexStore for SledIndex {
         vectors.read_many(numbers, |i, payload| f(i, records::f32s_of(payload, &mut scratch)))
     }
 
+    fn reclaim(&self, dead: &[Range<u32>]) -> Result<u64, StoreError> {
+        let mut freed = 0;
+        for file in [&self.vectors, &self.sketches].into_iter().flatten() {
+            freed += file.reclaim(dead)?;
+        }
+        Ok(freed)
+    }
+
     fn destroy(&self) -> Result<(), StoreError> {
         let _writer = self.lock_writer()?;
+        let _writing = self.sled.writes.read().unwrap_or_else(|e| e.into_inner());
         self.dropped.store(true, Ordering::Release);
         // The catalog entry first: once it is gone the index no longer exists, and a crash
         // before the rest leaves garbage that the next open collects.
@@ -914,6 +1055,46 @@ mod tests {
         assert_eq!(bucket(&*store, 0, 3), [0]);
         store.cut_vectors(1).unwrap();
         assert_eq!(store.vector(0).unwrap(), [1.0, 2.0]);
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            match entry.file_type().unwrap().is_dir() {
+                true => copy_dir(&entry.path(), &to.join(entry.file_name())),
+                false => drop(std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_rewrite_interrupted_at_any_step_opens_with_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+            let store = catalog.create(&def("a", 2, 1), planes(&[1.0; 16])).unwrap();
+            store.apply(&[&StoreBatch { removals: vec![], items: vec![write(0, "x", &[3])] }], 1).unwrap();
+            catalog.sync().unwrap();
+        }
+        SledCatalog::checkpoint_closed(dir.path()).unwrap();
+        let (live, copy, aside) =
+            (dir.path().join("sled"), dir.path().join("sled.rewrite"), dir.path().join("sled.replaced"));
+        let reopen = || {
+            let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
+            assert_eq!(bucket(&*catalog.open("a").unwrap().unwrap(), 0, 3), [0]);
+            assert!(!copy.exists() && !aside.exists(), "leftovers removed");
+        };
+        // Crash during the copy: a partial copy beside the database in place.
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::write(copy.join("db"), b"partial").unwrap();
+        reopen();
+        // Crash between the two renames: the old database aside, the complete copy not yet in place.
+        copy_dir(&live, &copy);
+        std::fs::rename(&live, &aside).unwrap();
+        reopen();
+        // Crash after the swap, before the old database was removed.
+        copy_dir(&live, &aside);
+        reopen();
     }
 
     #[test]
