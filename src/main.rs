@@ -29,6 +29,20 @@ enum Command {
     Serve(ServeConfig),
     /// Bring a data directory's on-disk layout up to this version (also done at every start).
     Migrate(StorageConfig),
+    /// Verify a data directory offline (stop the server first): every item in all L tables, no
+    /// bucket entry without an item, counts, ids and embedding checksums; the log is applied
+    /// first. Exits with status 2 when something is wrong (and not repaired).
+    Check {
+        #[command(flatten)]
+        storage: StorageConfig,
+        /// Fix what is found: bucket entries, counts and ids are rewritten; items whose embedding
+        /// is lost are deleted.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Give back the space of replaced and deleted items and rewrite the database, offline
+    /// (the server does both by itself while it runs; see --compact-removed-share).
+    Compact(StorageConfig),
     /// Compute a model's center (the mean embedding of a set of images) for its card.
     Center {
         #[command(flatten)]
@@ -65,6 +79,8 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
         Command::Migrate(storage) => migrate_data_dir(&storage),
+        Command::Check { storage, repair } => check_data_dir(&storage, repair),
+        Command::Compact(storage) => compact_data_dir(&storage),
         Command::Center { model, out, images } => write_center(&model, &out, &images),
         Command::Demo { addr, index, images } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -86,6 +102,75 @@ fn migrate_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The engine over a data directory, for commands that work on it offline.
+fn open_offline(storage: &StorageConfig) -> anyhow::Result<Engine> {
+    let dir = &storage.data_dir;
+    anyhow::ensure!(dir.join("sled").exists(), "{} holds no imagelsh database", dir.display());
+    let catalog = SledCatalog::open(dir, &SledOptions::default()).with_context(|| open_hint(dir))?;
+    let (engine, recovery) =
+        Engine::open_with(Arc::new(catalog), &dir.join("wal"), DEFAULT_MODEL_DIM, EngineOptions::default())
+            .with_context(|| open_hint(dir))?;
+    println!("{}: opened; {} logged batches taken back from the log", dir.display(), recovery.replayed);
+    Ok(engine)
+}
+
+/// What to say when a data directory does not open.
+fn open_hint(dir: &std::path::Path) -> String {
+    format!(
+        "opening data directory {dir} (if it is damaged: `imagelsh check --data-dir {dir} --repair`, or restore a \
+         backup)",
+        dir = dir.display()
+    )
+}
+
+fn check_data_dir(storage: &StorageConfig, repair: bool) -> anyhow::Result<()> {
+    let engine = open_offline(storage)?;
+    let reports = engine.check(repair)?;
+    engine.close()?;
+    let mut unrepaired = 0;
+    for report in &reports {
+        println!(
+            "index {:?}: {} items, {} bucket entries, {} problems{}",
+            report.index,
+            report.items,
+            report.entries,
+            report.problems.len(),
+            if report.repaired { ", repaired" } else { "" }
+        );
+        for problem in report.problems.iter().take(20) {
+            println!("  {problem}");
+        }
+        if report.problems.len() > 20 {
+            println!("  … and {} more", report.problems.len() - 20);
+        }
+        if !report.repaired {
+            unrepaired += report.problems.len();
+        }
+    }
+    if unrepaired > 0 {
+        println!("{unrepaired} problems found; `--repair` fixes them");
+        std::process::exit(2);
+    }
+    println!("ok");
+    Ok(())
+}
+
+fn compact_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
+    let engine = open_offline(storage)?;
+    let report = engine.compact()?;
+    engine.close()?;
+    println!("removed items' records: {} MB given back", report.reclaimed >> 20);
+    if let Some(store) = report.store {
+        println!(
+            "database rewritten: {} MB → {} MB in {:.1} s",
+            store.before >> 20,
+            store.after >> 20,
+            (store.copied + store.paused).as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let options = SledOptions {
         cache_capacity: config.cache_mb << 20,
@@ -96,7 +181,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let catalog = tokio::task::spawn_blocking(move || SledCatalog::open(&data_dir, &options))
         .await?
-        .with_context(|| format!("opening data directory {}", config.storage.data_dir.display()))?;
+        .with_context(|| open_hint(&config.storage.data_dir))?;
     tracing::info!(ms = started.elapsed().as_millis() as u64, "database open");
     let pipeline = if config.model.no_model {
         tracing::info!("no embedding model: serving embeddings only");

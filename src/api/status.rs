@@ -19,7 +19,9 @@ impl From<IndexError> for Status {
                     Status::data_loss(store.to_string())
                 }
                 StoreError::ItemNumbersExhausted(_) => Status::resource_exhausted(store.to_string()),
-                StoreError::LayoutTooNew { .. } => Status::failed_precondition(store.to_string()),
+                StoreError::LayoutTooNew { .. } | StoreError::InUse(_) => {
+                    Status::failed_precondition(store.to_string())
+                }
                 StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
                 StoreError::Dropped(_) => Status::not_found(store.to_string()),
                 // The domain refuses what needs embeddings before asking the store for them.

@@ -7,6 +7,7 @@
 
 mod apply;
 mod commit;
+mod maintain;
 mod state;
 
 use std::cell::RefCell;
@@ -19,6 +20,7 @@ use std::thread::JoinHandle;
 
 pub use commit::WriteOptions;
 use commit::{LogShared, PreparedItem, WriteRequest};
+pub use maintain::{CompactReport, IndexCheck, Problem};
 use state::{QueryState, TailId};
 
 use ndarray::Array2;

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use super::{Catalog, IndexDef, IndexParams, IndexStore, StoreBatch, StoreError, StoredItem, StoredState};
+use super::{Catalog, IndexDef, IndexParams, IndexStore, StoreBatch, StoreError, StoreRepair, StoredItem, StoredState};
 
 type Registry = Mutex<BTreeMap<String, Arc<MemoryIndex>>>;
 
@@ -279,6 +279,45 @@ impl IndexStore for MemoryIndex {
                 .get(start..start + dim)
                 .ok_or_else(|| StoreError::Corrupt(format!("no record of item {n}")))?;
             f(i, v);
+        }
+        Ok(())
+    }
+
+    fn for_each_bucket(&self, table: u16, f: &mut dyn FnMut(u64, &[u32])) -> Result<(), StoreError> {
+        self.check_live()?;
+        let data = self.data();
+        let mut buckets: Vec<(&u64, &Vec<u32>)> =
+            data.buckets.get(table as usize).map(|b| b.iter().collect()).unwrap_or_default();
+        buckets.sort_unstable_by_key(|(code, _)| **code);
+        for (code, members) in buckets.into_iter().filter(|(_, m)| !m.is_empty()) {
+            f(*code, members);
+        }
+        Ok(())
+    }
+
+    fn repair(&self, repair: &StoreRepair) -> Result<(), StoreError> {
+        self.check_live()?;
+        let mut data = self.data_mut();
+        let mut buckets = data.buckets.clone();
+        for entry in &repair.remove {
+            let members = buckets.get_mut(entry.table as usize).and_then(|b| b.get_mut(&entry.code));
+            let position = members.as_ref().and_then(|m| m.iter().position(|&n| n == entry.number));
+            match (members, position) {
+                (Some(members), Some(p)) => drop(members.remove(p)),
+                _ => return Err(StoreError::Corrupt(format!("{entry:?} is not in its bucket"))),
+            }
+        }
+        for entry in &repair.add {
+            if let Some(b) = buckets.get_mut(entry.table as usize) {
+                b.entry(entry.code).or_default().push(entry.number);
+            }
+        }
+        data.buckets = buckets;
+        if let Some(count) = repair.count {
+            data.count = count;
+        }
+        for (id, number) in &repair.ids {
+            data.ids.insert(id.clone(), *number);
         }
         Ok(())
     }

@@ -42,6 +42,12 @@ pub enum StoreError {
     ItemNumbersExhausted(String),
     #[error("index {0:?} does not store embeddings")]
     VectorsNotStored(String),
+    /// Another process holds the database open.
+    #[error(
+        "the database in {0} is in use by another process (an imagelsh server, or `imagelsh check` or \
+         `compact`): stop it first; commands that work on a data directory offline need it alone"
+    )]
+    InUse(std::path::PathBuf),
 }
 
 /// What defines an index, fixed at creation.
@@ -163,6 +169,33 @@ pub struct Compaction {
     pub paused: std::time::Duration,
 }
 
+/// One entry of a bucket: item `number` in bucket `code` of `table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BucketEntry {
+    pub table: u16,
+    pub code: u64,
+    pub number: u32,
+}
+
+/// Fixes that `imagelsh check --repair` makes to an index's persisted structures, atomically.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreRepair {
+    /// Entries to take out of their buckets (one occurrence each).
+    pub remove: Vec<BucketEntry>,
+    /// Entries to put into their buckets.
+    pub add: Vec<BucketEntry>,
+    /// The live item count, when it is wrong.
+    pub count: Option<u64>,
+    /// Ids that must name these items.
+    pub ids: Vec<(String, u32)>,
+}
+
+impl StoreRepair {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.add.is_empty() && self.count.is_none() && self.ids.is_empty()
+    }
+}
+
 /// The persisted data of one index: buckets keyed by table and code, items, embeddings.
 ///
 /// Writes come in two steps: an ingest writes the embeddings of its items (`write_vectors`,
@@ -207,6 +240,10 @@ pub trait IndexStore: Send + Sync {
         self.for_each_vector(&[number], &mut |_, v| out = v.to_vec())?;
         Ok(out)
     }
+    /// Calls `f(code, items)` for every non-empty bucket of `table` (a full pass: offline checks).
+    fn for_each_bucket(&self, table: u16, f: &mut dyn FnMut(u64, &[u32])) -> Result<(), StoreError>;
+    /// Applies `repair` in one atomic write.
+    fn repair(&self, repair: &StoreRepair) -> Result<(), StoreError>;
     /// Frees the space of the embedding and sketch records of the items in `dead` (runs of
     /// item numbers): items removed by applied batches, whose records are never read again.
     /// Returns the bytes freed (0 where the backend cannot free part of a record).

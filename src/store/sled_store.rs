@@ -17,7 +17,8 @@ use super::keys;
 use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
 use super::{
-    Catalog, Compaction, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoredItem, StoredState,
+    Catalog, Compaction, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoreRepair, StoredItem,
+    StoredState,
 };
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
@@ -360,9 +361,12 @@ fn open_sled(config: sled::Config) -> Result<sled::Db, StoreError> {
     let started = std::time::Instant::now();
     loop {
         match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock") && started.elapsed() < LOCK_WAIT =>
-            {
+            // sled 0.34 reports a held lock only as an i/o error of kind `Other` with this text
+            // (no error kind of its own); matched here, in one place.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= LOCK_WAIT {
+                    return Err(StoreError::InUse(config.path.clone()));
+                }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             other => return Ok(other?),
@@ -635,6 +639,64 @@ impl IndexStore for SledIndex {
         let vectors = self.vectors.as_ref().ok_or_else(|| StoreError::VectorsNotStored(self.def.name.clone()))?;
         let mut scratch = Vec::new();
         vectors.read_many(numbers, |i, payload| f(i, records::f32s_of(payload, &mut scratch)))
+    }
+
+    fn for_each_bucket(&self, table: u16, f: &mut dyn FnMut(u64, &[u32])) -> Result<(), StoreError> {
+        self.with_tree(|tree| {
+            // Chunks sort by (code, chunk), the open chunk last: a bucket's chunks are adjacent.
+            let mut current: Option<u64> = None;
+            let mut members = Vec::new();
+            for entry in tree.scan_prefix(keys::table_prefix(table)) {
+                let (key, value) = entry?;
+                let corrupt = || StoreError::Corrupt(format!("bucket chunk {key:?} of table {table}"));
+                let (_, code, chunk) = keys::parse_bucket_chunk(&key).ok_or_else(corrupt)?;
+                if current != Some(code) {
+                    if let Some(done) = current.filter(|_| !members.is_empty()) {
+                        f(done, &members);
+                    }
+                    members.clear();
+                    current = Some(code);
+                }
+                if chunk == keys::OPEN_CHUNK {
+                    keys::decode_open_chunk(&value, &mut members).ok_or_else(corrupt)?;
+                } else {
+                    keys::decode_items(&value, &mut members);
+                }
+            }
+            if let Some(done) = current.filter(|_| !members.is_empty()) {
+                f(done, &members);
+            }
+            Ok(())
+        })
+    }
+
+    fn repair(&self, repair: &StoreRepair) -> Result<(), StoreError> {
+        let _writer = self.lock_writer()?;
+        let _writing = self.sled.writes.read().unwrap_or_else(|e| e.into_inner());
+        let written = self.with_tree(|tree| {
+            let mut edits = HashMap::new();
+            for entry in &repair.remove {
+                edit(tree, &mut edits, entry.table, entry.code)?.remove(tree, entry.number)?;
+            }
+            for entry in &repair.add {
+                edit(tree, &mut edits, entry.table, entry.code)?.append(entry.number);
+            }
+            let mut batch = WriteBatch::default();
+            for edit in edits.into_values() {
+                edit.write(&mut batch);
+            }
+            if let Some(count) = repair.count {
+                batch.insert(keys::ITEM_COUNT, count.to_be_bytes());
+            }
+            for (id, number) in &repair.ids {
+                batch.insert(keys::id(id), number.to_be_bytes());
+            }
+            let bytes = batch.bytes;
+            tree.apply_batch(batch.batch)?;
+            Ok(bytes)
+        })?;
+        self.sled.written.fetch_add(written, Ordering::Relaxed);
+        self.sled.with(OpenDb::commit)
     }
 
     fn reclaim(&self, dead: &[Range<u32>]) -> Result<u64, StoreError> {
