@@ -1,0 +1,188 @@
+//! The engine: every index of a data directory, their shared log, and its threads.
+
+use super::*;
+
+impl Engine {
+    /// Opens every index of `catalog` with the log in `log_dir`. `default_dim` is the dimension a
+    /// create with `dim = 0` gets (the default model's).
+    pub fn open(catalog: Arc<dyn Catalog>, log_dir: &Path, default_dim: u32) -> Result<Self, IndexError> {
+        Self::open_with(catalog, log_dir, default_dim, EngineOptions::default()).map(|(engine, _)| engine)
+    }
+
+    pub fn open_with(
+        catalog: Arc<dyn Catalog>,
+        log_dir: &Path,
+        default_dim: u32,
+        options: EngineOptions,
+    ) -> Result<(Self, Recovery), IndexError> {
+        let started = std::time::Instant::now();
+        let (wal, records) = Wal::open(log_dir, options.write.segment_bytes)?;
+        tracing::info!(records = records.len(), ms = started.elapsed().as_millis() as u64, "log read");
+        let log = Arc::new(LogShared::new(catalog.clone(), wal, options.write.clone()));
+        let mut open = HashMap::new();
+        let mut by_uid = HashMap::new();
+        for def in catalog.list()? {
+            let store = catalog.open(&def.name)?.ok_or_else(|| IndexError::NotFound(def.name.clone()))?;
+            let (index, applied) = Index::open(store, log.clone(), options.full_scan_threshold)?;
+            by_uid.insert(index.store.uid(), (index.clone(), applied));
+            open.insert(def.name, index);
+        }
+        tracing::info!(indexes = open.len(), ms = started.elapsed().as_millis() as u64, "query state loaded");
+        let replayed = commit::replay(&records, &by_uid)?;
+        for index in open.values() {
+            log.register(index.clone());
+        }
+        let (sender, submissions) = std::sync::mpsc::channel();
+        log.set_sender(Some(sender));
+        let writer = {
+            let log = log.clone();
+            std::thread::Builder::new()
+                .name("imagelsh-log".into())
+                .spawn(move || commit::run_writer(log, submissions))
+                .map_err(StoreError::Io)?
+        };
+        let applier = {
+            let log = log.clone();
+            std::thread::Builder::new()
+                .name("imagelsh-apply".into())
+                .spawn(move || apply::run_applier(log))
+                .map_err(StoreError::Io)?
+        };
+        let engine = Self {
+            catalog,
+            open: Mutex::new(open),
+            log,
+            writer: Mutex::new(Some(writer)),
+            applier: Mutex::new(Some(applier)),
+            default_dim,
+            full_scan_threshold: options.full_scan_threshold,
+        };
+        Ok((engine, Recovery { replayed }))
+    }
+
+    pub(super) fn open_indexes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Index>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn create(&self, spec: IndexSpec) -> Result<IndexInfo, IndexError> {
+        validate_name(&spec.name)?;
+        let shape = LshShape {
+            dim: if spec.dim == 0 { self.default_dim } else { spec.dim } as usize,
+            hash_bits: if spec.hash_bits == 0 { DEFAULT_HASH_BITS } else { spec.hash_bits },
+            tables: if spec.tables == 0 { DEFAULT_TABLES } else { spec.tables },
+        };
+        let sketch_bits = if spec.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { spec.sketch_bits };
+        let mut planes = Hyperplanes::draw(shape, spec.seed)?;
+        let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
+        if let Some(center) = &spec.center {
+            planes = planes.with_center(center)?;
+            sketch = sketch.with_center(center)?;
+        }
+        let def = IndexDef {
+            name: spec.name.clone(),
+            dim: shape.dim as u32,
+            hash_bits: shape.hash_bits,
+            tables: shape.tables,
+            seed: spec.seed,
+            model: spec.model,
+            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            sketch_bits,
+            stores_vectors: spec.store_vectors.unwrap_or(true),
+        };
+        let mut open = self.open_indexes();
+        let params = IndexParams {
+            hyperplanes: &planes.to_row_major(),
+            center: spec.center.as_deref(),
+            sketch_planes: Some(&sketch.to_row_major()),
+        };
+        let store = self.catalog.create(&def, params)?;
+        let (index, _) = Index::open(store, self.log.clone(), self.full_scan_threshold)?;
+        self.log.register(index.clone());
+        open.insert(spec.name, index.clone());
+        index.info()
+    }
+
+    /// The open index of that name.
+    pub fn index(&self, name: &str) -> Result<Arc<Index>, IndexError> {
+        self.open_indexes().get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Result<Vec<IndexInfo>, IndexError> {
+        let defs = self.catalog.list()?;
+        defs.iter().map(|def| self.index(&def.name)?.info()).collect()
+    }
+
+    pub fn drop_index(&self, name: &str) -> Result<(), IndexError> {
+        let mut open = self.open_indexes();
+        let index = open.get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))?;
+        index.dropped.store(true, Ordering::Release);
+        self.log.unregister(index.store.uid());
+        index.store.destroy()?;
+        open.remove(name);
+        Ok(())
+    }
+
+    /// Applies every logged batch to the store now (tests, benchmarks, backups).
+    pub fn apply_now(&self) -> Result<(), IndexError> {
+        while self.log.pending() > 0 {
+            apply::apply_pending(&self.log)?;
+        }
+        Ok(())
+    }
+
+    /// Stops as a crash would leave the store: logged batches not yet applied stay in the log
+    /// only (tests of recovery within one process, which cannot kill itself).
+    #[cfg(test)]
+    pub(super) fn abandon(self) {
+        self.log.signal().abandon = true;
+        drop(self);
+    }
+
+    /// Stops taking writes, applies everything logged to the store, syncs it and stops the
+    /// threads; later writes fail with `Unavailable`. Also run (errors ignored) on drop.
+    pub fn close(&self) -> Result<(), IndexError> {
+        self.log.set_sender(None);
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer {
+            let _ = writer.join();
+        }
+        self.log.signal().stop = true;
+        self.log.work.notify_all();
+        self.log.room.notify_all();
+        let applier = self.applier.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(applier) = applier {
+            let _ = applier.join();
+        }
+        let result = self.catalog.sync().map_err(IndexError::from);
+        let pending = if self.log.signal().abandon { 0 } else { self.log.pending() };
+        self.log.clear();
+        result?;
+        if pending > 0 {
+            return Err(IndexError::Unavailable(format!(
+                "{pending} logged writes were not applied; the next start takes them from the log"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            tracing::warn!(%error, "closing the engine");
+        }
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), IndexError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::InvalidArgument(format!(
+            "index name must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 _ - . (got {name:?})"
+        )))
+    }
+}
