@@ -1,6 +1,7 @@
 //! imagelsh: images in, embeddings and similar images out, over a persistent LSH index.
 //!
-//! Layers, from the wire inwards: `api` (gRPC) → `index` (the domain) → `lsh` (pure math)
+//! Layers, from the wire inwards: `api` (gRPC) → `usecase` (ingest, embed, query by image,
+//! create: the model and the indexes together) → `index` (the domain) → `lsh` (pure math)
 //! and `store` (sled). Each layer has its own error type; `api::status` maps them to gRPC.
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod index;
 pub mod lsh;
 pub mod pipeline;
 pub mod store;
+pub mod usecase;
 
 /// The public wire contract, `imagelsh.v1`.
 pub mod proto {

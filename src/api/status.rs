@@ -5,6 +5,7 @@ use tonic::Status;
 use crate::index::IndexError;
 use crate::pipeline::BatchError;
 use crate::store::StoreError;
+use crate::usecase::UseCaseError;
 
 impl From<IndexError> for Status {
     fn from(e: IndexError) -> Self {
@@ -31,6 +32,21 @@ impl From<IndexError> for Status {
                     Status::internal(format!("storage failure: {store}"))
                 }
             },
+        }
+    }
+}
+
+impl From<UseCaseError> for Status {
+    fn from(e: UseCaseError) -> Self {
+        match e {
+            UseCaseError::Index(e) => e.into(),
+            UseCaseError::Batch(e) => e.into(),
+            UseCaseError::NoModel => Status::failed_precondition(e.to_string()),
+            UseCaseError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+            UseCaseError::Internal(_) => {
+                tracing::error!(error = %e, "blocking task failed");
+                Status::internal("internal error")
+            }
         }
     }
 }

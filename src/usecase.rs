@@ -1,0 +1,226 @@
+//! The service's use cases, below the transport: what an ingest, an embed, a query by image and
+//! a create mean when the server runs a model (`pipeline`) over the indexes (`index`). The api
+//! layer only converts messages and maps `UseCaseError` to gRPC status codes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::index::{Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, VectorItem};
+use crate::pipeline::{BatchError, ImageError, ImagePipeline};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UseCaseError {
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// The model cannot take the work now.
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    /// The server runs no model and the call needs one.
+    #[error("this server runs without an embedding model (--no-model); send embeddings")]
+    NoModel,
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// Blocking work could not run (its thread panicked or the runtime is going away).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What an item to ingest carries.
+#[derive(Debug, Clone)]
+pub enum ItemContent {
+    Embedding(Vec<f32>),
+    Image(Vec<u8>),
+    /// Neither: refused alone.
+    Missing,
+}
+
+/// An item to ingest, as a client sent it.
+#[derive(Debug, Clone)]
+pub struct IncomingItem {
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+    pub content: ItemContent,
+}
+
+/// What a query by image, embedding or id asks for before it reaches the index.
+#[derive(Debug, Clone)]
+pub enum QueryInput {
+    Embedding(Vec<f32>),
+    Image(Vec<u8>),
+    Id(String),
+}
+
+/// A new index as a client describes it; `UseCases::create` fills in the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NewIndex {
+    pub name: String,
+    pub dim: u32,
+    pub hash_bits: u32,
+    pub tables: u32,
+    pub seed: u64,
+    /// Empty: the model's center where the index holds the model's embeddings.
+    pub center: Vec<f32>,
+    pub no_center: bool,
+    pub sketch_bits: u32,
+    pub store_embeddings: Option<bool>,
+}
+
+/// The engine and the model a server runs.
+#[derive(Clone)]
+pub struct UseCases {
+    engine: Arc<Engine>,
+    /// `None` when the server runs without a model (embeddings only).
+    pipeline: Option<Arc<ImagePipeline>>,
+}
+
+impl UseCases {
+    pub fn new(engine: Arc<Engine>, pipeline: Option<Arc<ImagePipeline>>) -> Self {
+        Self { engine, pipeline }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn pipeline(&self) -> Result<&Arc<ImagePipeline>, UseCaseError> {
+        self.pipeline.as_ref().ok_or(UseCaseError::NoModel)
+    }
+
+    pub async fn index(&self, name: String) -> Result<Arc<Index>, UseCaseError> {
+        let engine = self.engine.clone();
+        blocking(move || engine.index(&name)).await
+    }
+
+    /// The served model's embeddings fit `index`.
+    fn check_model(pipeline: &ImagePipeline, index: &Index) -> Result<(), UseCaseError> {
+        let card = pipeline.card();
+        Ok(index.accepts_model(&card.name, card.dim)?)
+    }
+
+    /// Creates an index. It holds the served model's embeddings when its dimension is the
+    /// model's (or unset), and then takes the model's center unless told otherwise.
+    pub async fn create(&self, new: NewIndex) -> Result<IndexInfo, UseCaseError> {
+        let served = self.pipeline.as_ref().map(|p| p.card()).filter(|card| new.dim == 0 || new.dim == card.dim);
+        let model = served.map(|card| card.name.clone()).unwrap_or_default();
+        let center = match (new.center.is_empty(), new.no_center) {
+            (false, _) => Some(new.center),
+            (true, true) => None,
+            (true, false) => served.and_then(|card| card.center.clone()),
+        };
+        let spec = IndexSpec {
+            name: new.name,
+            dim: new.dim,
+            hash_bits: new.hash_bits,
+            tables: new.tables,
+            seed: new.seed,
+            model,
+            center,
+            sketch_bits: new.sketch_bits,
+            store_vectors: new.store_embeddings,
+        };
+        let engine = self.engine.clone();
+        blocking(move || engine.create(spec)).await
+    }
+
+    /// Ingests one batch: embeddings as they are, images through the model; an item that
+    /// cannot be indexed is refused alone (in `failures`, by its position in the batch), and
+    /// the rest is indexed durably in request order (the later of two items with one id wins).
+    pub async fn ingest(&self, index: &str, items: Vec<IncomingItem>) -> Result<IngestOutcome, UseCaseError> {
+        let index = self.index(index.to_string()).await?;
+        let mut vectors = Vec::with_capacity(items.len());
+        let mut failures = Vec::new();
+        let mut images = Vec::new();
+        for (position, item) in (0u32..).zip(items) {
+            let IncomingItem { id, label, metadata, content } = item;
+            match content {
+                ItemContent::Embedding(vector) => vectors.push((position, VectorItem { id, label, metadata, vector })),
+                ItemContent::Image(bytes) => {
+                    images.push((position, VectorItem { id, label, metadata, vector: Vec::new() }, bytes))
+                }
+                ItemContent::Missing => failures.push(ItemFailure {
+                    position,
+                    id,
+                    message: "item has neither an image nor an embedding".into(),
+                }),
+            }
+        }
+        if !images.is_empty() {
+            let usable = self.pipeline().and_then(|p| Self::check_model(p, &index).map(|()| p));
+            match usable {
+                Err(UseCaseError::Batch(e)) => return Err(e.into()),
+                Err(refusal) => {
+                    let message = refusal.to_string();
+                    failures.extend(images.into_iter().map(|(position, item, _)| ItemFailure {
+                        position,
+                        id: item.id,
+                        message: message.clone(),
+                    }))
+                }
+                Ok(pipeline) => {
+                    let (meta, bytes): (Vec<_>, Vec<_>) = images.into_iter().map(|(p, item, b)| ((p, item), b)).unzip();
+                    for ((position, mut item), embedded) in meta.into_iter().zip(pipeline.embed_all(bytes).await) {
+                        match embedded {
+                            Ok(vector) => {
+                                item.vector = vector;
+                                vectors.push((position, item));
+                            }
+                            Err(ImageError::Decode(e)) => {
+                                failures.push(ItemFailure { position, id: item.id, message: e.to_string() })
+                            }
+                            Err(ImageError::Batch(e)) => return Err(e.into()),
+                        }
+                    }
+                }
+            }
+        }
+        vectors.sort_by_key(|(position, _)| *position);
+        let mut outcome = blocking(move || index.ingest(vectors)).await?;
+        failures.append(&mut outcome.failures);
+        failures.sort_by_key(|f| f.position);
+        outcome.failures = failures;
+        Ok(outcome)
+    }
+
+    /// Embeds images one by one in a batch: each an embedding or a decode error.
+    pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Vec<Result<Vec<f32>, String>>, UseCaseError> {
+        let pipeline = self.pipeline()?;
+        let mut out = Vec::with_capacity(images.len());
+        for result in pipeline.embed_all(images).await {
+            match result {
+                Ok(values) => out.push(Ok(values)),
+                Err(ImageError::Decode(e)) => out.push(Err(e.to_string())),
+                Err(ImageError::Batch(e)) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What to look up in `index`: an image becomes the model's embedding of it.
+    pub async fn query_by(&self, index: &Index, input: QueryInput) -> Result<crate::index::QueryBy, UseCaseError> {
+        use crate::index::QueryBy;
+        Ok(match input {
+            QueryInput::Embedding(values) => QueryBy::Vector(values),
+            QueryInput::Id(id) => QueryBy::Id(id),
+            QueryInput::Image(bytes) => {
+                let pipeline = self.pipeline()?;
+                Self::check_model(pipeline, index)?;
+                match pipeline.embed(bytes).await {
+                    Ok(vector) => QueryBy::Vector(vector),
+                    Err(ImageError::Decode(e)) => return Err(UseCaseError::InvalidArgument(e.to_string())),
+                    Err(ImageError::Batch(e)) => return Err(e.into()),
+                }
+            }
+        })
+    }
+}
+
+/// Runs blocking domain work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, IndexError> + Send + 'static,
+) -> Result<T, UseCaseError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(UseCaseError::Internal(e.to_string())),
+    }
+}
