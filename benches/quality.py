@@ -267,7 +267,15 @@ def main():
             dir_bytes(data_dir) / len(base), "plan " + ", ".join(sorted(p.removeprefix("SEARCH_PLAN_") for p in plans)))
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+    # This script owns the file's first section only; the sections after it (the write path,
+    # the peers) come from other benchmarks and are kept.
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    rest = ""
+    if os.path.exists(path):
+        old = open(path).read()
+        later = old.find("\n# ", 1)
+        rest = old[later:] if later >= 0 else ""
+    with open(path, "w") as f:
         f.write("# Search quality benchmark\n\n")
         f.write(f"`scripts/bench-quality` ({time.strftime('%Y-%m-%d')}; one run on a 2-core shared VM, no GPU). "
                 f"Fashion-MNIST ({len(vectors)} images) embedded by EfficientNet-Lite0 through imagelsh's Embed RPC; "
@@ -288,7 +296,8 @@ def main():
         for m in rows:
             f.write(f"| {m['system']} | {m['config']} | {m['recall10']:.3f} | {m['precision5']:.3f} | {m['qps']:.0f} | "
                     f"{m['qps'] / flat_qps:.1f} | {m['build_per_s']:.0f} | {m['bytes_per_vector']:.0f} | {m['note']} |\n")
-    print(open(os.path.join(ROOT, "BENCHMARKS.md")).read())
+        f.write(rest)
+    print(open(path).read().split("\n# ", 1)[0])
 
 
 if __name__ == "__main__":
