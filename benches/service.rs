@@ -235,18 +235,7 @@ async fn start_and_query(dir: &Path, vector: &[f32]) -> (Server, Duration) {
 async fn run((bits, tables_count): (u32, u32), a: &Args, data: &[f32], queries: &[f32], truth: &[Vec<usize>]) {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
-    let mut client = server.client().await;
-    client
-        .create_index(CreateIndexRequest {
-            name: "bench".into(),
-            dim: DIM as u32,
-            hash_bits: bits,
-            tables: tables_count,
-            seed: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_bench_index(&server, bits, tables_count).await;
 
     let rows: Vec<&[f32]> = data.chunks(DIM).collect();
     let per_stream = rows.len().div_ceil(a.streams);
@@ -390,6 +379,19 @@ impl RssSampler {
     }
 }
 
+/// Creates the index every run ingests into: `DIM`-d, `bits` × `tables`, the default sketches.
+async fn create_bench_index(server: &Server, bits: u32, tables: u32) {
+    let request = CreateIndexRequest {
+        name: "bench".into(),
+        dim: DIM as u32,
+        hash_bits: bits,
+        tables,
+        seed: 1,
+        ..Default::default()
+    };
+    server.client().await.create_index(request).await.unwrap();
+}
+
 /// Loads the same ids `rounds` times (each load replaces the last) and prints the disk after the
 /// first load and after the last, each measured after a clean stop (everything applied).
 async fn replace_heavy((bits, tables_count): (u32, u32), a: &Args, data: &[f32]) {
@@ -401,15 +403,7 @@ async fn replace_heavy((bits, tables_count): (u32, u32), a: &Args, data: &[f32])
     for round in 0..a.replace_rounds {
         let server = Server::start(dir.path());
         if round == 0 {
-            let request = CreateIndexRequest {
-                name: "bench".into(),
-                dim: DIM as u32,
-                hash_bits: bits,
-                tables: tables_count,
-                seed: 1,
-                ..Default::default()
-            };
-            server.client().await.create_index(request).await.unwrap();
+            create_bench_index(&server, bits, tables_count).await;
         }
         let (indexed, _) = ingest_all(&server.1, &rows, per_stream).await;
         assert_eq!(indexed, rows.len());
