@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from grpc_stubs import stubs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "bench-peers")
 DIM = 1280
@@ -484,18 +486,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stubs():
-    out = os.path.join(WORK, "py")
-    os.makedirs(out, exist_ok=True)
-    from grpc_tools import protoc
-    proto = os.path.join(ROOT, "proto")
-    assert protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        os.path.join(proto, "imagelsh/v1/imagelsh.proto")]) == 0
-    sys.path.insert(0, out)
-    from imagelsh.v1 import imagelsh_pb2, imagelsh_pb2_grpc
-    return imagelsh_pb2, imagelsh_pb2_grpc
-
-
 def varint(n):
     out = bytearray()
     while True:
@@ -638,7 +628,7 @@ class Imagelsh:
 
 def run_imagelsh(args, data, row, logs):
     import grpc
-    pb, rpc = stubs()
+    pb, rpc = stubs(WORK)
     # The hand-built wire format must be what the generated classes parse.
     v = np.arange(2 * DIM, dtype=np.float32).reshape(2, DIM)
     m = pb.IngestRequest.FromString(ingest_request("bench", 7, 5, v))

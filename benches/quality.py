@@ -24,22 +24,12 @@ import time
 
 import numpy as np
 
+from grpc_stubs import stubs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "bench-quality")
 FASHION = "/usr/share/datasets/fashion-mnist"
 DIM = 1280
-
-
-def stubs():
-    out = os.path.join(WORK, "py")
-    os.makedirs(out, exist_ok=True)
-    from grpc_tools import protoc
-    proto = os.path.join(ROOT, "proto")
-    assert protoc.main(["protoc", f"-I{proto}", f"--python_out={out}", f"--grpc_python_out={out}",
-                        os.path.join(proto, "imagelsh/v1/imagelsh.proto")]) == 0
-    sys.path.insert(0, out)
-    from imagelsh.v1 import imagelsh_pb2, imagelsh_pb2_grpc
-    return imagelsh_pb2, imagelsh_pb2_grpc
 
 
 class Server:
@@ -142,7 +132,7 @@ def main():
     args = parser.parse_args()
     os.makedirs(WORK, exist_ok=True)
     import grpc
-    pb, rpc = stubs()
+    pb, rpc = stubs(WORK)
     import faiss
     import hnswlib
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::IndexError;
 use super::commit::LogShared;
-use crate::store::StoreError;
+use crate::store::{Compaction, StoreError};
 
 /// Runs until told to stop, and then applies everything still pending before it returns.
 pub(crate) fn run_applier(shared: Arc<LogShared>) {
@@ -63,9 +63,10 @@ fn compaction_due(shared: &LogShared, since: u64) -> bool {
     since as f64 >= share * live as f64
 }
 
-/// Rewrites the store's files (the applier holds `applying`: nothing is applied meanwhile).
-pub(crate) fn compact(shared: &LogShared) -> Result<(), IndexError> {
-    if let Some(done) = shared.catalog.compact()? {
+/// Rewrites the store's files; the caller holds `applying` (nothing is applied meanwhile).
+pub(crate) fn compact(shared: &LogShared) -> Result<Option<Compaction>, IndexError> {
+    let done = shared.catalog.compact()?;
+    if let Some(done) = done {
         shared.removed_since_compaction.store(0, Ordering::Relaxed);
         tracing::info!(
             before_mb = done.before >> 20,
@@ -75,7 +76,7 @@ pub(crate) fn compact(shared: &LogShared) -> Result<(), IndexError> {
             "store rewritten: writes waited during the copy, reads and writes during the pause"
         );
     }
-    Ok(())
+    Ok(done)
 }
 
 /// One round: every index's oldest pending batches (up to `max_apply_operations`) into the

@@ -75,8 +75,7 @@ impl Engine {
         for index in self.open_indexes().values() {
             reclaimed += index.reclaim_all()?;
         }
-        let store = self.catalog.compact()?;
-        self.log.removed_since_compaction.store(0, std::sync::atomic::Ordering::Relaxed);
+        let store = super::apply::compact(&self.log)?;
         Ok(CompactReport { reclaimed, store })
     }
 

@@ -188,10 +188,7 @@ impl QueryState {
     /// removes are left out (after a crash the store holds them live until the batch is
     /// applied again), as are items not yet applied.
     pub(crate) fn reclaimable(&self, removed: &[u32], reach: u32) -> Vec<Range<u32>> {
-        let applied_next = self.tail.items.keys().min().copied().unwrap_or(self.next);
-        let pending: HashSet<u32> =
-            self.tail.batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
-        let dead = |n: u32| n < applied_next && !self.is_live(n) && !pending.contains(&n);
+        let dead = self.removed_in_store();
         let mut removed = removed.to_vec();
         removed.sort_unstable();
         removed.dedup();
@@ -219,12 +216,10 @@ impl QueryState {
     /// Every maximal run of items that the store holds as removed (what an interrupted or
     /// earlier reclaim may have left).
     pub(crate) fn all_reclaimable(&self) -> Vec<Range<u32>> {
-        let applied_next = self.tail.items.keys().min().copied().unwrap_or(self.next);
-        let pending: HashSet<u32> =
-            self.tail.batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
+        let dead = self.removed_in_store();
         let mut runs: Vec<Range<u32>> = Vec::new();
-        for n in 0..applied_next {
-            if self.is_live(n) || pending.contains(&n) {
+        for n in 0..self.applied_next() {
+            if !dead(n) {
                 continue;
             }
             match runs.last_mut() {
@@ -233,6 +228,20 @@ impl QueryState {
             }
         }
         runs
+    }
+
+    /// The first item number not yet applied (tail items are numbered from it).
+    fn applied_next(&self) -> u32 {
+        self.tail.items.keys().min().copied().unwrap_or(self.next)
+    }
+
+    /// Whether the store holds item `n` as removed: applied, not live, and not removed only by
+    /// a logged batch (after a crash the store would hold that one live until it is reapplied).
+    fn removed_in_store(&self) -> impl Fn(u32) -> bool + '_ {
+        let applied_next = self.applied_next();
+        let pending: HashSet<u32> =
+            self.tail.batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
+        move |n| n < applied_next && !self.is_live(n) && !pending.contains(&n)
     }
 
     fn forget_id(&mut self, id: &str, applied: Position) {
