@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use imagelsh::api::{self, Limits};
+use imagelsh::api::{self, ServeOptions};
 use imagelsh::embed::{Device, Embedder, ModelCard, OnnxEmbedder, OrtOptions};
 use imagelsh::index::Engine;
 use imagelsh::pipeline::{BatcherConfig, DecodeLimits, ImagePipeline, Preprocessor};
@@ -171,7 +171,7 @@ fn main() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shutdown = CancellationToken::new();
-        tokio::spawn(api::serve(engine, Some(pipeline.clone()), listener, Limits::default(), shutdown.clone()));
+        tokio::spawn(api::serve(engine, Some(pipeline.clone()), listener, ServeOptions::default(), shutdown.clone()));
         let mut client = ImageIndexClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap());
         let raw = raw_rates.iter().find(|r| r.0 == max_batch).map_or(f64::NAN, |r| r.1);
         for streams in [1usize, 4, 16] {

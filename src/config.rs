@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args};
 
 use crate::embed::Device;
+use crate::limits::RequestLimits;
 use crate::pipeline::{BatcherConfig, DecodeLimits};
 
 /// Embedding size of the default model (EfficientNet-Lite0): the `dim` of an index created
@@ -69,6 +70,94 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub write: WriteConfig,
+
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
+    #[command(flatten)]
+    pub security: SecurityConfig,
+}
+
+/// Bounds on what one client may ask; each refusal names its flag. Defaults:
+/// `limits::RequestLimits`.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Items in one ingest batch, images in one embed batch, ids in one delete.
+    #[arg(long, env = "IMAGELSH_MAX_BATCH_ITEMS", default_value_t = RequestLimits::default().max_batch_items)]
+    pub max_batch_items: usize,
+    /// Length of an item id, bytes.
+    #[arg(long, env = "IMAGELSH_MAX_ID_BYTES", default_value_t = RequestLimits::default().max_id_bytes)]
+    pub max_id_bytes: usize,
+    /// Length of a label, bytes.
+    #[arg(long, env = "IMAGELSH_MAX_LABEL_BYTES", default_value_t = RequestLimits::default().max_label_bytes)]
+    pub max_label_bytes: usize,
+    /// Metadata entries per item.
+    #[arg(long, env = "IMAGELSH_MAX_METADATA_ENTRIES", default_value_t = RequestLimits::default().max_metadata_entries)]
+    pub max_metadata_entries: usize,
+    /// Metadata keys and values of one item together, bytes.
+    #[arg(long, env = "IMAGELSH_MAX_METADATA_BYTES", default_value_t = RequestLimits::default().max_metadata_bytes)]
+    pub max_metadata_bytes: usize,
+    #[arg(long, env = "IMAGELSH_MAX_TOP_K", default_value_t = RequestLimits::default().max_top_k)]
+    pub max_top_k: u32,
+    #[arg(long, env = "IMAGELSH_MAX_RERANK_DEPTH", default_value_t = RequestLimits::default().max_rerank_depth)]
+    pub max_rerank_depth: u32,
+    #[arg(long, env = "IMAGELSH_MAX_PROBES", default_value_t = RequestLimits::default().max_probes)]
+    pub max_probes: u32,
+    /// Embedding dimension of a new index.
+    #[arg(long, env = "IMAGELSH_MAX_DIM", default_value_t = RequestLimits::default().max_dim)]
+    pub max_dim: u32,
+    /// Memory of a new index's hyperplanes and sketch planes, MiB.
+    #[arg(long, env = "IMAGELSH_MAX_PLANE_MB", default_value_t = RequestLimits::default().max_plane_bytes >> 20)]
+    pub max_plane_mb: u64,
+    /// Calls in progress at once over all connections (streams included); more are refused
+    /// with RESOURCE_EXHAUSTED. Per connection, --max-concurrent-streams applies too.
+    #[arg(long, env = "IMAGELSH_MAX_CALLS", default_value_t = 1024)]
+    pub max_calls: usize,
+    /// Ingest and embed streams open at once over all connections.
+    #[arg(long, env = "IMAGELSH_MAX_STREAMS", default_value_t = 256)]
+    pub max_streams: usize,
+    /// The longest a unary call may run, seconds; a client's shorter grpc-timeout wins.
+    /// Streams run as long as their client's deadline allows (a bulk ingest may take hours).
+    #[arg(long, env = "IMAGELSH_MAX_CALL_SECS", default_value_t = 60)]
+    pub max_call_secs: u64,
+}
+
+impl LimitsConfig {
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_batch_items: self.max_batch_items,
+            max_id_bytes: self.max_id_bytes.min(crate::index::MAX_ID_BYTES),
+            max_label_bytes: self.max_label_bytes,
+            max_metadata_entries: self.max_metadata_entries,
+            max_metadata_bytes: self.max_metadata_bytes,
+            max_top_k: self.max_top_k,
+            max_rerank_depth: self.max_rerank_depth,
+            max_probes: self.max_probes,
+            max_dim: self.max_dim,
+            max_plane_bytes: self.max_plane_mb.saturating_mul(1 << 20),
+        }
+    }
+}
+
+/// Who may connect and call what.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityConfig {
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "IMAGELSH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, env = "IMAGELSH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "IMAGELSH_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens, one `ROLE TOKEN` per line (roles: read, write, admin; `#` comments),
+    /// reloaded on SIGHUP. Without tokens (here or in IMAGELSH_TOKENS) every call is allowed.
+    #[arg(long, env = "IMAGELSH_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve gRPC reflection (it lists the API to anyone allowed to read).
+    #[arg(long, env = "IMAGELSH_REFLECTION", default_value_t = true, action = ArgAction::Set)]
+    pub reflection: bool,
 }
 
 /// The write path: the write-ahead log and how far the store may lag behind it. Defaults and
@@ -203,6 +292,10 @@ pub struct PipelineConfig {
     /// Largest image width or height, pixels (checked before decoding).
     #[arg(long, env = "IMAGELSH_MAX_IMAGE_SIDE", default_value_t = 12_000)]
     pub max_image_side: u32,
+
+    /// Largest image width × height, pixels (checked before decoding).
+    #[arg(long, env = "IMAGELSH_MAX_IMAGE_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
 }
 
 impl PipelineConfig {
@@ -219,6 +312,7 @@ impl PipelineConfig {
         DecodeLimits {
             max_encoded_bytes: self.max_image_bytes,
             max_side: self.max_image_side,
+            max_pixels: self.max_image_pixels,
             ..DecodeLimits::default()
         }
     }

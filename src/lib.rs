@@ -10,6 +10,7 @@ pub mod demo;
 pub mod embed;
 pub mod failpoint;
 pub mod index;
+pub mod limits;
 pub mod lsh;
 pub mod pipeline;
 pub mod store;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use imagelsh::api::{self, Limits};
+use imagelsh::api::{self, GuardLimits, Limits, ServeOptions, TlsFiles, TokenSource};
 use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
 use imagelsh::embed::{ModelCard, OnnxEmbedder, OrtOptions};
 use imagelsh::index::{Engine, EngineOptions};
@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC service.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Bring a data directory's on-disk layout up to this version (also done at every start).
     Migrate(StorageConfig),
     /// Verify a data directory offline (stop the server first): every item in all L tables, no
@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(config) => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*config))
         }
         Command::Migrate(storage) => migrate_data_dir(&storage),
         Command::Check { storage, repair } => check_data_dir(&storage, repair),
@@ -217,9 +217,40 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    let limits =
-        Limits { max_message_bytes: config.max_message_bytes, max_concurrent_streams: config.max_concurrent_streams };
-    let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, limits, shutdown.clone()));
+    let tokens = TokenSource::load(config.security.tokens_file.clone(), std::env::var("IMAGELSH_TOKENS").ok())?;
+    tokio::spawn(reload_tokens_on_hangup(tokens.clone()));
+    let count = tokens.tokens().len();
+    if count == 0 && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no tokens (--tokens-file, IMAGELSH_TOKENS): anyone who can reach this address may read, write and drop every index");
+    } else {
+        tracing::info!(tokens = count, "bearer tokens loaded");
+    }
+    let security = &config.security;
+    let tls = match (&security.tls_cert, &security.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: security.tls_client_ca.clone() })
+        }
+        _ => None,
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no TLS (--tls-cert, --tls-key): calls and tokens cross the network in clear text");
+    }
+    let options = ServeOptions {
+        limits: Limits {
+            max_message_bytes: config.max_message_bytes,
+            max_concurrent_streams: config.max_concurrent_streams,
+        },
+        requests: config.limits.request_limits(),
+        guard: GuardLimits {
+            max_calls: config.limits.max_calls,
+            max_streams: config.limits.max_streams,
+            max_unary: Duration::from_secs(config.limits.max_call_secs),
+        },
+        tls,
+        tokens,
+        reflection: security.reflection,
+    };
+    let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, options, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::select! {
         result = &mut server => result??,
@@ -291,6 +322,20 @@ async fn start_pipeline(model: &ModelConfig, pipeline: &PipelineConfig) -> anyho
 fn embedder_provider(embedder: &OnnxEmbedder) -> &str {
     use imagelsh::embed::Embedder;
     embedder.provider()
+}
+
+/// SIGHUP reloads the tokens; a file that no longer parses leaves the tokens in force.
+async fn reload_tokens_on_hangup(tokens: TokenSource) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::error!("cannot listen for SIGHUP: tokens are not reloaded");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tokens.reload() {
+            Ok(count) => tracing::info!(tokens = count, "tokens reloaded"),
+            Err(error) => tracing::error!(%error, "tokens not reloaded; the previous ones stay in force"),
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -5,7 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::index::{Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, VectorItem};
+use crate::index::{
+    DEFAULT_HASH_BITS, DEFAULT_SKETCH_BITS, DEFAULT_TABLES, Engine, Index, IndexError, IndexInfo, IndexSpec,
+    IngestOutcome, ItemFailure, QueryOptions, QueryResult, VectorItem,
+};
+use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +24,9 @@ pub enum UseCaseError {
     NoModel,
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request over a bound on what one call may cost (items in a batch, an index's planes).
+    #[error(transparent)]
+    TooLarge(OverLimit),
     /// Blocking work could not run (its thread panicked or the runtime is going away).
     #[error("internal error: {0}")]
     Internal(String),
@@ -66,17 +73,22 @@ pub struct NewIndex {
     pub store_embeddings: Option<bool>,
 }
 
-/// The engine and the model a server runs.
+/// The engine and the model a server runs, and the limits its clients must stay within.
 #[derive(Clone)]
 pub struct UseCases {
     engine: Arc<Engine>,
     /// `None` when the server runs without a model (embeddings only).
     pipeline: Option<Arc<ImagePipeline>>,
+    limits: Arc<RequestLimits>,
 }
 
 impl UseCases {
-    pub fn new(engine: Arc<Engine>, pipeline: Option<Arc<ImagePipeline>>) -> Self {
-        Self { engine, pipeline }
+    pub fn new(engine: Arc<Engine>, pipeline: Option<Arc<ImagePipeline>>, limits: RequestLimits) -> Self {
+        Self { engine, pipeline, limits: Arc::new(limits) }
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -101,6 +113,16 @@ impl UseCases {
     /// Creates an index. It holds the served model's embeddings when its dimension is the
     /// model's (or unset), and then takes the model's center unless told otherwise.
     pub async fn create(&self, new: NewIndex) -> Result<IndexInfo, UseCaseError> {
+        let dim = if new.dim == 0 { self.engine.default_dim() } else { new.dim };
+        let k = if new.hash_bits == 0 { DEFAULT_HASH_BITS } else { new.hash_bits };
+        let l = if new.tables == 0 { DEFAULT_TABLES } else { new.tables };
+        let sketch_bits = if new.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { new.sketch_bits };
+        if dim > self.limits.max_dim {
+            let over =
+                OverLimit { what: "dim", value: dim.into(), limit: self.limits.max_dim.into(), flag: "--max-dim" };
+            return Err(UseCaseError::InvalidArgument(over.to_string()));
+        }
+        self.limits.check_shape(dim, u64::from(k) * u64::from(l), sketch_bits).map_err(UseCaseError::TooLarge)?;
         let served = self.pipeline.as_ref().map(|p| p.card()).filter(|card| new.dim == 0 || new.dim == card.dim);
         let model = served.map(|card| card.name.clone()).unwrap_or_default();
         let center = match (new.center.is_empty(), new.no_center) {
@@ -127,12 +149,18 @@ impl UseCases {
     /// cannot be indexed is refused alone (in `failures`, by its position in the batch), and
     /// the rest is indexed durably in request order (the later of two items with one id wins).
     pub async fn ingest(&self, index: &str, items: Vec<IncomingItem>) -> Result<IngestOutcome, UseCaseError> {
+        self.limits.check_batch(items.len()).map_err(UseCaseError::TooLarge)?;
         let index = self.index(index.to_string()).await?;
         let mut vectors = Vec::with_capacity(items.len());
         let mut failures = Vec::new();
         let mut images = Vec::new();
         for (position, item) in (0u32..).zip(items) {
             let IncomingItem { id, label, metadata, content } = item;
+            if let Err(over) = self.limits.check_item_fields(&id, &label, &metadata) {
+                let id = crate::limits::prefix(&id).to_string();
+                failures.push(ItemFailure { position, id, message: over.to_string() });
+                continue;
+            }
             match content {
                 ItemContent::Embedding(vector) => vectors.push((position, VectorItem { id, label, metadata, vector })),
                 ItemContent::Image(bytes) => {
@@ -185,6 +213,7 @@ impl UseCases {
     /// Embeds images one by one in a batch: each an embedding or a decode error.
     pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Vec<Result<Vec<f32>, String>>, UseCaseError> {
         let pipeline = self.pipeline()?;
+        self.limits.check_batch(images.len()).map_err(UseCaseError::TooLarge)?;
         let mut out = Vec::with_capacity(images.len());
         for result in pipeline.embed_all(images).await {
             match result {
@@ -196,8 +225,47 @@ impl UseCases {
         Ok(out)
     }
 
+    /// A query within the limits: an image is embedded first.
+    pub async fn query(
+        &self,
+        index: String,
+        input: QueryInput,
+        options: QueryOptions,
+    ) -> Result<QueryResult, UseCaseError> {
+        self.limits
+            .check_query(options.top_k, options.rerank_depth, options.probes)
+            .map_err(|over| UseCaseError::InvalidArgument(over.to_string()))?;
+        if let QueryInput::Id(id) = &input {
+            self.check_id(id)?;
+        }
+        let index = self.index(index).await?;
+        let by = self.query_by(&index, input).await?;
+        blocking(move || index.query(by, &options)).await
+    }
+
+    /// Deletes items by id; returns how many existed.
+    pub async fn delete(&self, index: String, ids: Vec<String>) -> Result<usize, UseCaseError> {
+        self.limits.check_batch(ids.len()).map_err(UseCaseError::TooLarge)?;
+        ids.iter().try_for_each(|id| self.check_id(id))?;
+        let index = self.index(index).await?;
+        blocking(move || index.delete(&ids)).await
+    }
+
+    fn check_id(&self, id: &str) -> Result<(), UseCaseError> {
+        if id.len() > self.limits.max_id_bytes {
+            let over = OverLimit {
+                what: "the id's length in bytes",
+                value: id.len() as u64,
+                limit: self.limits.max_id_bytes as u64,
+                flag: "--max-id-bytes",
+            };
+            return Err(UseCaseError::InvalidArgument(over.to_string()));
+        }
+        Ok(())
+    }
+
     /// What to look up in `index`: an image becomes the model's embedding of it.
-    pub async fn query_by(&self, index: &Index, input: QueryInput) -> Result<crate::index::QueryBy, UseCaseError> {
+    async fn query_by(&self, index: &Index, input: QueryInput) -> Result<crate::index::QueryBy, UseCaseError> {
         use crate::index::QueryBy;
         Ok(match input {
             QueryInput::Embedding(values) => QueryBy::Vector(values),

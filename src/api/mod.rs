@@ -1,7 +1,9 @@
 //! Transport: the gRPC server, its standard health and reflection services, and the limits and
 //! shutdown behaviour around them. Knows the domain (`crate::index`), not the store.
 
+pub mod auth;
 mod convert;
+pub mod guard;
 mod service;
 mod status;
 
@@ -15,8 +17,11 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::index::Engine;
+use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndexServer;
+pub use auth::{Role, TokenSource, Tokens, TokensError};
+pub use guard::GuardLimits;
 pub use service::ImageIndexService;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,43 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("reading {path}: {source}")]
+    TlsFile { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// PEM files of the server's TLS identity, and of the CA its clients' certificates must come
+/// from (mutual TLS) when given.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn config(&self) -> Result<tonic::transport::ServerTlsConfig, ApiError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| ApiError::TlsFile { path: path.to_path_buf(), source })
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&self.cert)?, read(&self.key)?);
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// Everything about how the server meets its clients. The default: no TLS, no tokens (every
+/// call allowed), the default limits, no reflection: for tests and embedded use.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub requests: RequestLimits,
+    pub guard: GuardLimits,
+    pub tls: Option<TlsFiles>,
+    pub tokens: TokenSource,
+    pub reflection: bool,
 }
 
 /// Bounds on what clients may ask of the server.
@@ -44,36 +86,56 @@ impl Default for Limits {
 
 /// Serves until `shutdown` is cancelled: then new calls get UNAVAILABLE, ingest streams finish
 /// the batch in hand and end, and this returns once every call has completed.
+///
+/// Around every service, outermost first: the status rewrite (tonic's codes → the contract's),
+/// authentication, then the call limits and deadlines (`guard`); message sizes are tonic's.
 pub async fn serve(
     engine: Arc<Engine>,
     pipeline: Option<Arc<ImagePipeline>>,
     listener: TcpListener,
-    limits: Limits,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> Result<(), ApiError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     type Served = InterceptedService<ImageIndexServer<ImageIndexService>, RefuseWhenShuttingDown>;
     health.set_serving::<Served>().await;
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = if options.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        )
+    } else {
+        None
+    };
 
-    let image_index = ImageIndexServer::new(ImageIndexService::new(engine, pipeline, shutdown.clone()))
+    let limits = &options.limits;
+    let service = ImageIndexService::new(engine, pipeline, options.requests.clone(), shutdown.clone());
+    let image_index = ImageIndexServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
     let image_index = InterceptedService::new(image_index, RefuseWhenShuttingDown(shutdown.clone()));
 
+    let layers = tower::ServiceBuilder::new()
+        .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
+        .layer(auth::AuthLayer::new(options.tokens.clone()))
+        .layer(guard::GuardLayer::new(options.guard.clone()))
+        .into_inner();
+    let mut builder = Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder.tls_config(tls.config()?)?;
+    }
     // tcp_nodelay on the builder applies only to listeners tonic binds itself: without it on
     // ours, Nagle's algorithm held 1% of responses back by a delayed-ACK period (40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
-        .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
+    builder
+        .layer(layers)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_optional_service(reflection)
         .add_service(image_index)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.cancelled().await;

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::index::{Engine, QueryOptions};
+use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndex;
 use crate::proto::{self, item::Content, query_request};
@@ -26,8 +27,13 @@ pub struct ImageIndexService {
 }
 
 impl ImageIndexService {
-    pub fn new(engine: Arc<Engine>, pipeline: Option<Arc<ImagePipeline>>, shutdown: CancellationToken) -> Self {
-        Self { cases: UseCases::new(engine, pipeline), shutdown }
+    pub fn new(
+        engine: Arc<Engine>,
+        pipeline: Option<Arc<ImagePipeline>>,
+        limits: RequestLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self { cases: UseCases::new(engine, pipeline, limits), shutdown }
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
@@ -172,14 +178,12 @@ impl ImageIndex for ImageIndexService {
         let r = request.into_inner();
         let plan = proto::SearchPlan::try_from(r.plan)
             .map_err(|_| Status::invalid_argument(format!("unknown search plan {}", r.plan)))?;
-        let index = self.cases.index(r.index).await?;
         let input = match r.query {
             Some(query_request::Query::Embedding(e)) => QueryInput::Embedding(e.values),
             Some(query_request::Query::Id(id)) => QueryInput::Id(id),
             Some(query_request::Query::Image(bytes)) => QueryInput::Image(bytes),
             None => return Err(Status::invalid_argument("a query needs an image, an embedding or an id")),
         };
-        let by = self.cases.query_by(&index, input).await?;
         let options = QueryOptions {
             top_k: r.top_k,
             min_votes: r.min_votes,
@@ -188,7 +192,7 @@ impl ImageIndex for ImageIndexService {
             rerank_depth: r.rerank_depth,
             plan: plan.into(),
         };
-        let result = blocking(move || index.query(by, &options)).await?;
+        let result = self.cases.query(r.index, input, options).await?;
         Ok(Response::new(proto::QueryResponse {
             hits: result.hits.into_iter().map(Into::into).collect(),
             candidates: result.candidates,
@@ -198,8 +202,7 @@ impl ImageIndex for ImageIndexService {
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
         let r = request.into_inner();
-        let index = self.cases.index(r.index).await?;
-        let deleted = blocking(move || index.delete(&r.ids)).await?;
+        let deleted = self.cases.delete(r.index, r.ids).await?;
         Ok(Response::new(proto::DeleteResponse { deleted: deleted as u32 }))
     }
 

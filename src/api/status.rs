@@ -9,44 +9,51 @@ use crate::usecase::UseCaseError;
 
 impl From<IndexError> for Status {
     fn from(e: IndexError) -> Self {
-        match e {
-            IndexError::NotFound(_) | IndexError::ItemNotFound { .. } => Status::not_found(e.to_string()),
-            IndexError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-            IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            IndexError::Unavailable(_) => Status::unavailable(e.to_string()),
-            IndexError::Store(store) => match store {
-                StoreError::Corrupt(_) | StoreError::Decode(_) => {
-                    tracing::error!(error = %store, "stored data failed a check");
-                    Status::data_loss(store.to_string())
-                }
-                StoreError::ItemNumbersExhausted(_) => Status::resource_exhausted(store.to_string()),
-                StoreError::LayoutTooNew { .. } | StoreError::InUse(_) => {
-                    Status::failed_precondition(store.to_string())
-                }
-                StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
-                StoreError::Dropped(_) => Status::not_found(store.to_string()),
-                // The domain refuses what needs embeddings before asking the store for them.
-                StoreError::VectorsNotStored(_) => Status::failed_precondition(store.to_string()),
-                StoreError::Backend(_) | StoreError::Io(_) => {
-                    tracing::error!(error = %store, "storage failure");
-                    Status::internal(format!("storage failure: {store}"))
-                }
-            },
-        }
+        bounded(index_status(e))
+    }
+}
+
+fn index_status(e: IndexError) -> Status {
+    match e {
+        IndexError::NotFound(_) | IndexError::ItemNotFound { .. } => Status::not_found(e.to_string()),
+        IndexError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        IndexError::Unavailable(_) => Status::unavailable(e.to_string()),
+        IndexError::Store(store) => match store {
+            StoreError::Corrupt(_) | StoreError::Decode(_) => {
+                tracing::error!(error = %store, "stored data failed a check");
+                Status::data_loss(store.to_string())
+            }
+            StoreError::ItemNumbersExhausted(_) => Status::resource_exhausted(store.to_string()),
+            StoreError::LayoutTooNew { .. } | StoreError::InUse(_) => Status::failed_precondition(store.to_string()),
+            StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
+            StoreError::Dropped(_) => Status::not_found(store.to_string()),
+            // The domain refuses what needs embeddings before asking the store for them.
+            StoreError::VectorsNotStored(_) => Status::failed_precondition(store.to_string()),
+            StoreError::Backend(_) | StoreError::Io(_) => {
+                tracing::error!(error = %store, "storage failure");
+                Status::internal(format!("storage failure: {store}"))
+            }
+        },
     }
 }
 
 impl From<UseCaseError> for Status {
     fn from(e: UseCaseError) -> Self {
-        match e {
-            UseCaseError::Index(e) => e.into(),
-            UseCaseError::Batch(e) => e.into(),
-            UseCaseError::NoModel => Status::failed_precondition(e.to_string()),
-            UseCaseError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-            UseCaseError::Internal(_) => {
-                tracing::error!(error = %e, "blocking task failed");
-                Status::internal("internal error")
-            }
+        bounded(use_case_status(e))
+    }
+}
+
+fn use_case_status(e: UseCaseError) -> Status {
+    match e {
+        UseCaseError::Index(e) => e.into(),
+        UseCaseError::Batch(e) => e.into(),
+        UseCaseError::NoModel => Status::failed_precondition(e.to_string()),
+        UseCaseError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        UseCaseError::TooLarge(_) => Status::resource_exhausted(e.to_string()),
+        UseCaseError::Internal(_) => {
+            tracing::error!(error = %e, "blocking task failed");
+            Status::internal("internal error")
         }
     }
 }
@@ -64,10 +71,36 @@ impl From<BatchError> for Status {
     }
 }
 
+/// The longest status message sent, bytes: messages travel in HTTP/2 headers, and one that
+/// echoed a large input would exceed the client's metadata limit (16 KiB) and reach it as the
+/// transport's RESOURCE_EXHAUSTED instead of the code meant. Inner layers quote client input
+/// briefly (`limits::quote`); this is the backstop.
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// `status` with its message cut to `MAX_STATUS_MESSAGE_BYTES` (at a character boundary).
+pub fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return status;
+    }
+    let mut cut = MAX_STATUS_MESSAGE_BYTES;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Status::new(status.code(), format!("{}… (message cut)", &message[..cut]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        let status = bounded(Status::invalid_argument("é".repeat(10_000)));
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE_BYTES + 20);
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
 
     #[test]
     fn domain_errors_map_to_the_documented_codes() {

@@ -72,6 +72,18 @@ impl Engine {
             tables: if spec.tables == 0 { DEFAULT_TABLES } else { spec.tables },
         };
         let sketch_bits = if spec.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { spec.sketch_bits };
+        // Before anything is drawn: a shape from a request must never size an allocation the
+        // process cannot make (the service's configurable limits are below these).
+        let planes_bytes = (shape.dim as u64)
+            .saturating_mul(u64::from(shape.hash_bits).saturating_mul(shape.tables.into()) + u64::from(sketch_bits))
+            .saturating_mul(4);
+        if shape.dim > MAX_DIM as usize || planes_bytes > MAX_PLANE_BYTES {
+            return Err(IndexError::InvalidArgument(format!(
+                "an index of dimension {} with these planes would take {planes_bytes} bytes; the limits are \
+                 dimension {MAX_DIM} and {MAX_PLANE_BYTES} bytes",
+                shape.dim
+            )));
+        }
         let mut planes = Hyperplanes::draw(shape, spec.seed)?;
         let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
         if let Some(center) = &spec.center {
@@ -100,6 +112,11 @@ impl Engine {
         self.log.register(index.clone());
         open.insert(spec.name, index.clone());
         index.info()
+    }
+
+    /// The dimension an index created with `dim = 0` gets (the default model's).
+    pub fn default_dim(&self) -> u32 {
+        self.default_dim
     }
 
     /// The open index of that name.
@@ -182,7 +199,8 @@ fn validate_name(name: &str) -> Result<(), IndexError> {
         Ok(())
     } else {
         Err(IndexError::InvalidArgument(format!(
-            "index name must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 _ - . (got {name:?})"
+            "index name must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 _ - . (got {})",
+            crate::limits::quote(name)
         )))
     }
 }

@@ -16,6 +16,15 @@ impl Index {
         if let Some(i) = vector.iter().position(|x| !x.is_finite()) {
             return Err(format!("embedding value {i} is {}, not a finite number", vector[i]));
         }
+        // Cosines divide by the norm: a zero vector has none, and one whose squared norm
+        // overflows f32 would make every similarity with it NaN.
+        let squared: f32 = vector.iter().map(|x| x * x).sum();
+        if squared == 0.0 {
+            return Err("embedding is all zeros (or too small to have a norm): it has no direction to compare".into());
+        }
+        if !squared.is_finite() {
+            return Err("embedding's norm overflows 32-bit floats: scale it down (cosine ignores scale)".into());
+        }
         Ok(())
     }
 

@@ -65,6 +65,9 @@ pub const DEFAULT_TOP_K: u32 = 10;
 pub const MAX_TOP_K: u32 = 10_000;
 pub const MAX_ID_BYTES: usize = 1024;
 pub const MAX_NAME_BYTES: usize = 128;
+/// Hard bounds on a new index's shape, whatever the service's configuration.
+pub const MAX_DIM: u32 = 65_536;
+pub const MAX_PLANE_BYTES: u64 = 1 << 30;
 /// Extra buckets per table a query may visit.
 pub const MAX_PROBES: u32 = 1024;
 /// Largest index (in bytes of sketches) that `SearchPlan::Auto` answers by scanning every
@@ -73,11 +76,11 @@ pub const DEFAULT_FULL_SCAN_THRESHOLD_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    #[error("index {0:?} not found")]
+    #[error("index {} not found", crate::limits::quote(.0))]
     NotFound(String),
-    #[error("item {id:?} not found in index {index:?}")]
+    #[error("item {} not found in index {}", crate::limits::quote(.id), crate::limits::quote(.index))]
     ItemNotFound { index: String, id: String },
-    #[error("index {0:?} already exists")]
+    #[error("index {} already exists", crate::limits::quote(.0))]
     AlreadyExists(String),
     #[error("{0}")]
     InvalidArgument(String),

@@ -16,13 +16,15 @@ pub struct DecodeLimits {
     pub max_encoded_bytes: usize,
     /// Largest width and height accepted; checked from the header, before any allocation.
     pub max_side: u32,
+    /// Largest width × height accepted; checked from the header, before any allocation.
+    pub max_pixels: u64,
     /// Largest decoding allocation, bytes.
     pub max_alloc: u64,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_encoded_bytes: 32 << 20, max_side: 12_000, max_alloc: 512 << 20 }
+        Self { max_encoded_bytes: 32 << 20, max_side: 12_000, max_pixels: 50_000_000, max_alloc: 512 << 20 }
     }
 }
 
@@ -36,6 +38,10 @@ pub enum DecodeError {
     UnsupportedFormat,
     #[error("image exceeds the limits (at most {max_side}×{max_side} pixels): {detail}")]
     TooLarge { max_side: u32, detail: String },
+    #[error("image has {pixels} pixels, the limit is {limit} (--max-image-pixels)")]
+    TooManyPixels { pixels: u64, limit: u64 },
+    #[error("image is truncated: {0}")]
+    Truncated(&'static str),
     #[error("image cannot be decoded: {0}")]
     Corrupt(String),
     #[error("image cannot be resized: {0}")]
@@ -116,15 +122,23 @@ pub fn decode_rgb(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Decod
     }
     let mut reader =
         ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if !matches!(reader.format(), Some(ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) {
+    let Some(format @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) = reader.format() else {
         return Err(DecodeError::UnsupportedFormat);
-    }
+    };
+    // Decoders pad what is missing (zune-jpeg fills the absent rows): a cut upload would be
+    // indexed as a different image. Each format says where it ends; check that it does.
+    super::complete::check(bytes, format)?;
     let mut image_limits = image::Limits::default();
     image_limits.max_image_width = Some(limits.max_side);
     image_limits.max_image_height = Some(limits.max_side);
     image_limits.max_alloc = Some(limits.max_alloc);
     reader.limits(image_limits);
     let mut decoder = reader.into_decoder().map_err(|e| classify(e, limits))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(DecodeError::TooManyPixels { pixels, limit: limits.max_pixels });
+    }
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| classify(e, limits))?;
     image.apply_orientation(orientation);
@@ -231,7 +245,7 @@ mod tests {
         assert_eq!(decode_rgb(gif, &limits).unwrap_err(), DecodeError::UnsupportedFormat);
         let mut truncated = png(&DynamicImage::ImageRgb8(RgbImage::from_pixel(40, 40, image::Rgb([9, 9, 9]))));
         truncated.truncate(truncated.len() / 2);
-        assert!(matches!(decode_rgb(&truncated, &limits).unwrap_err(), DecodeError::Corrupt(_)));
+        assert!(matches!(decode_rgb(&truncated, &limits).unwrap_err(), DecodeError::Truncated(_)));
     }
 
     #[test]

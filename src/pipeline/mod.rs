@@ -2,6 +2,7 @@
 //! front of the model. Knows nothing of gRPC or of indexes.
 
 mod batcher;
+mod complete;
 mod decode;
 
 use std::sync::Arc;

@@ -1,0 +1,231 @@
+//! A Tower layer that bounds what calls in progress may take: how many run at once (all calls,
+//! and the streaming ones apart), and for how long. A call over a bound is refused at once with
+//! RESOURCE_EXHAUSTED (a client retries with backoff; queueing would hide the overload). A
+//! call past its deadline ends with DEADLINE_EXCEEDED. Permits and deadlines travel with the
+//! response body, so a stream holds its place until its last message.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http_body::{Body, Frame};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tonic::Status;
+use tonic::codegen::Bytes;
+
+/// The client-streaming and bidirectional RPCs: they may run for hours (bulk ingest).
+fn is_streaming(path: &str) -> bool {
+    matches!(path, "/imagelsh.v1.ImageIndex/Ingest" | "/imagelsh.v1.ImageIndex/Embed")
+}
+
+/// Before the client's own deadline by this much: tonic's server answers CANCELLED when its
+/// timer for the same `grpc-timeout` fires first, and the contract says DEADLINE_EXCEEDED.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// `grpc-timeout`: an integer of at most 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct GuardLimits {
+    pub max_calls: usize,
+    pub max_streams: usize,
+    /// Unary calls end by then at the latest; streams only by their client's deadline.
+    pub max_unary: Duration,
+}
+
+impl Default for GuardLimits {
+    fn default() -> Self {
+        Self { max_calls: 1024, max_streams: 256, max_unary: Duration::from_secs(60) }
+    }
+}
+
+#[derive(Clone)]
+pub struct GuardLayer {
+    calls: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    limits: GuardLimits,
+}
+
+impl GuardLayer {
+    pub fn new(limits: GuardLimits) -> Self {
+        Self {
+            calls: Arc::new(Semaphore::new(limits.max_calls.min(Semaphore::MAX_PERMITS))),
+            streams: Arc::new(Semaphore::new(limits.max_streams.min(Semaphore::MAX_PERMITS))),
+            limits,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GuardLayer {
+    type Service = Guard<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guard { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    layer: GuardLayer,
+}
+
+/// What a call holds until its response body ends.
+struct Held {
+    _call: Option<OwnedSemaphorePermit>,
+    _stream: Option<OwnedSemaphorePermit>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Guard<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let refuse = |status: Status| -> Self::Future { Box::pin(async move { Ok(status.into_http()) }) };
+        let path = request.uri().path();
+        // Health checks are never refused: an overloaded server is still alive.
+        let health = path.starts_with("/grpc.health.v1.Health/");
+        let streaming = is_streaming(path);
+        let limits = &self.layer.limits;
+        let call = match self.layer.calls.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if health => None,
+            Err(_) => {
+                return refuse(Status::resource_exhausted(format!(
+                    "{} calls are in progress, the limit (--max-calls); retry with backoff",
+                    limits.max_calls
+                )));
+            }
+        };
+        let stream = if streaming {
+            match self.layer.streams.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    return refuse(Status::resource_exhausted(format!(
+                        "{} streams are open, the limit (--max-streams); retry with backoff",
+                        limits.max_streams
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        let client = request.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
+        let budget = match (streaming, client) {
+            (true, client) => client,
+            (false, Some(client)) => Some(client.min(limits.max_unary)),
+            (false, None) => Some(limits.max_unary),
+        };
+        let deadline = budget.map(|b| Instant::now() + b.saturating_sub(DEADLINE_MARGIN));
+        let held = Held { _call: call, _stream: stream };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let response = inner.call(request);
+        Box::pin(async move {
+            let response = match deadline {
+                None => response.await?,
+                Some(at) => match tokio::time::timeout_at(at, response).await {
+                    Ok(response) => response?,
+                    Err(_) => return Ok(expired().into_http()),
+                },
+            };
+            Ok(response.map(|body| {
+                tonic::body::Body::new(GuardedBody {
+                    inner: body,
+                    deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                    _held: held,
+                    ended: false,
+                })
+            }))
+        })
+    }
+}
+
+fn expired() -> Status {
+    Status::deadline_exceeded("the call ran past its deadline")
+}
+
+/// A response body that keeps its call's permits and ends the call at its deadline.
+struct GuardedBody {
+    inner: tonic::body::Body,
+    deadline: Option<Pin<Box<Sleep>>>,
+    _held: Held,
+    ended: bool,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending()
+            && let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            if expired().add_header(&mut trailers).is_err() {
+                return Poll::Ready(Some(Err(expired())));
+            }
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_bad_ones_are_ignored() {
+        assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"5u"), Some(Duration::from_micros(5)));
+        for bad in [&b""[..], b"m", b"123456789S", b"12x", b"-1S", b"1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
