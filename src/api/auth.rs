@@ -38,6 +38,9 @@ pub enum TokensError {
     Syntax { source_name: String, line: usize },
     #[error("{source_name} line {line}: a token must be at least {MIN_TOKEN_BYTES} bytes")]
     Short { source_name: String, line: usize },
+    /// Tokens were configured and none were found: serving would let everyone in.
+    #[error("{0} holds no tokens; remove the setting to serve without authentication")]
+    Empty(String),
 }
 
 /// Shorter tokens are refused at load: a guessable token is no token.
@@ -50,11 +53,16 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// `ROLE TOKEN` lines; `#` starts a comment; blank lines are skipped.
+    /// `ROLE TOKEN` lines; `#` at the start of a line or after a space starts a comment (a `#`
+    /// inside a token is part of it); blank lines are skipped.
     pub fn parse(text: &str, source_name: &str) -> Result<Self, TokensError> {
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
+            let comment = line
+                .char_indices()
+                .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)))
+                .map_or(line.len(), |(i, _)| i);
+            let line = line[..comment].trim();
             if line.is_empty() {
                 continue;
             }
@@ -71,17 +79,27 @@ impl Tokens {
         Ok(Self { entries })
     }
 
-    /// The file's tokens and the variable's (`ROLE:TOKEN` separated by commas).
+    /// The file's tokens and the variable's (`ROLE:TOKEN` separated by commas). A source that
+    /// is given must hold a token: an empty or half-written file is an error, never "no auth".
     pub fn load(file: Option<&Path>, variable: Option<&str>) -> Result<Self, TokensError> {
         let mut tokens = Tokens::default();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| TokensError::Read { path: path.to_path_buf(), source })?;
-            tokens.entries.extend(Self::parse(&text, &path.display().to_string())?.entries);
+            let name = path.display().to_string();
+            let parsed = Self::parse(&text, &name)?;
+            if parsed.is_empty() {
+                return Err(TokensError::Empty(name));
+            }
+            tokens.entries.extend(parsed.entries);
         }
-        if let Some(variable) = variable {
-            let text = variable.split(',').map(|pair| pair.replacen(':', " ", 1)).collect::<Vec<_>>().join("\n");
-            tokens.entries.extend(Self::parse(&text, "IMAGELSH_TOKENS")?.entries);
+        if let Some(variable) = variable.filter(|v| !v.trim().is_empty()) {
+            let text = variable.split(',').map(|pair| pair.trim().replacen(':', " ", 1)).collect::<Vec<_>>().join("\n");
+            let parsed = Self::parse(&text, "IMAGELSH_TOKENS")?;
+            if parsed.is_empty() {
+                return Err(TokensError::Empty("IMAGELSH_TOKENS".into()));
+            }
+            tokens.entries.extend(parsed.entries);
         }
         Ok(tokens)
     }
@@ -288,6 +306,13 @@ mod tests {
         assert!(matches!(Tokens::parse("superuser abcdefghijklmnopqrstuvwxyz", "t"), Err(TokensError::Syntax { .. })));
         assert!(matches!(Tokens::parse("read short", "t"), Err(TokensError::Short { .. })));
         assert!(matches!(Tokens::parse("read a b", "t"), Err(TokensError::Syntax { line: 1, .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("tokens");
+        std::fs::write(&empty, "# nothing yet\n").unwrap();
+        assert!(matches!(Tokens::load(Some(&empty), None), Err(TokensError::Empty(_))));
+        assert!(Tokens::load(None, Some("")).unwrap().is_empty());
+        let hashed = Tokens::parse("read abc#defghijklmnopq # a comment", "t").unwrap();
+        assert_eq!(hashed.role_of(b"abc#defghijklmnopq"), Some(Role::Read));
         let env = Tokens::load(None, Some(&format!("read:{READ},admin:{ADMIN}"))).unwrap();
         assert_eq!(env.role_of(ADMIN.as_bytes()), Some(Role::Admin));
         assert_eq!(env.role_of(READ.as_bytes()), Some(Role::Read));

@@ -17,9 +17,34 @@ use tokio::time::{Instant, Sleep};
 use tonic::Status;
 use tonic::codegen::Bytes;
 
-/// The client-streaming and bidirectional RPCs: they may run for hours (bulk ingest).
-fn is_streaming(path: &str) -> bool {
-    matches!(path, "/imagelsh.v1.ImageIndex/Ingest" | "/imagelsh.v1.ImageIndex/Embed")
+/// How a call is bounded, by its gRPC path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    /// Health checks: never refused or cut (an overloaded server is still alive), and they
+    /// take no permit (they need no token, so they must not use up what callers need).
+    Health,
+    /// Ingest or Embed streams: a stream permit of their own pool, and only their client's
+    /// deadline (a bulk ingest may run for hours).
+    Stream(StreamPool),
+    /// Other streams (reflection): a call permit, the client's deadline only.
+    OtherStream,
+    Unary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamPool {
+    Ingest,
+    Embed,
+}
+
+fn kind(path: &str) -> CallKind {
+    match path {
+        "/imagelsh.v1.ImageIndex/Ingest" => CallKind::Stream(StreamPool::Ingest),
+        "/imagelsh.v1.ImageIndex/Embed" => CallKind::Stream(StreamPool::Embed),
+        p if p.starts_with("/grpc.health.v1.Health/") => CallKind::Health,
+        p if p.starts_with("/grpc.reflection.") => CallKind::OtherStream,
+        _ => CallKind::Unary,
+    }
 }
 
 /// Before the client's own deadline by this much: tonic's server answers CANCELLED when its
@@ -61,15 +86,19 @@ impl Default for GuardLimits {
 #[derive(Clone)]
 pub struct GuardLayer {
     calls: Arc<Semaphore>,
-    streams: Arc<Semaphore>,
+    /// Ingest and embed streams apart: idle embed streams of a reader cannot keep writers out.
+    ingest_streams: Arc<Semaphore>,
+    embed_streams: Arc<Semaphore>,
     limits: GuardLimits,
 }
 
 impl GuardLayer {
     pub fn new(limits: GuardLimits) -> Self {
+        let permits = |n: usize| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS)));
         Self {
-            calls: Arc::new(Semaphore::new(limits.max_calls.min(Semaphore::MAX_PERMITS))),
-            streams: Arc::new(Semaphore::new(limits.max_streams.min(Semaphore::MAX_PERMITS))),
+            calls: permits(limits.max_calls),
+            ingest_streams: permits(limits.max_streams),
+            embed_streams: permits(limits.max_streams),
             limits,
         }
     }
@@ -111,39 +140,43 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let refuse = |status: Status| -> Self::Future { Box::pin(async move { Ok(status.into_http()) }) };
-        let path = request.uri().path();
-        // Health checks are never refused: an overloaded server is still alive.
-        let health = path.starts_with("/grpc.health.v1.Health/");
-        let streaming = is_streaming(path);
+        let kind = kind(request.uri().path());
         let limits = &self.layer.limits;
-        let call = match self.layer.calls.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) if health => None,
-            Err(_) => {
-                return refuse(Status::resource_exhausted(format!(
-                    "{} calls are in progress, the limit (--max-calls); retry with backoff",
-                    limits.max_calls
-                )));
-            }
-        };
-        let stream = if streaming {
-            match self.layer.streams.clone().try_acquire_owned() {
+        let call = match kind {
+            CallKind::Health => None,
+            _ => match self.layer.calls.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     return refuse(Status::resource_exhausted(format!(
-                        "{} streams are open, the limit (--max-streams); retry with backoff",
-                        limits.max_streams
+                        "{} calls are in progress, the limit (--max-calls); retry with backoff",
+                        limits.max_calls
                     )));
                 }
+            },
+        };
+        let stream = match kind {
+            CallKind::Stream(pool) => {
+                let (semaphore, what) = match pool {
+                    StreamPool::Ingest => (&self.layer.ingest_streams, "ingest"),
+                    StreamPool::Embed => (&self.layer.embed_streams, "embed"),
+                };
+                match semaphore.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        return refuse(Status::resource_exhausted(format!(
+                            "{} {what} streams are open, the limit (--max-streams); retry with backoff",
+                            limits.max_streams
+                        )));
+                    }
+                }
             }
-        } else {
-            None
+            _ => None,
         };
         let client = request.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.as_bytes()));
-        let budget = match (streaming, client) {
-            (true, client) => client,
-            (false, Some(client)) => Some(client.min(limits.max_unary)),
-            (false, None) => Some(limits.max_unary),
+        let budget = match (kind, client) {
+            (CallKind::Unary, Some(client)) => Some(client.min(limits.max_unary)),
+            (CallKind::Unary, None) => Some(limits.max_unary),
+            (_, client) => client,
         };
         let deadline = budget.map(|b| Instant::now() + b.saturating_sub(DEADLINE_MARGIN));
         let held = Held { _call: call, _stream: stream };
@@ -191,6 +224,9 @@ impl Body for GuardedBody {
             return Poll::Ready(None);
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
         if polled.is_pending()
             && let Some(deadline) = self.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()

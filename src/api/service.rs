@@ -15,7 +15,7 @@ use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndex;
 use crate::proto::{self, item::Content, query_request};
-use crate::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput, UseCases, blocking};
+use crate::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput, UseCaseError, UseCases, blocking};
 
 /// Responses a stream may have queued before the server waits for the client to read them.
 const STREAM_RESPONSE_BUFFER: usize = 4;
@@ -37,6 +37,7 @@ impl ImageIndexService {
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
+        self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
         let items = request
             .items
             .into_iter()
@@ -59,6 +60,7 @@ impl ImageIndexService {
     }
 
     async fn embed_batch(&self, request: proto::EmbedRequest) -> Result<proto::EmbedResponse, Status> {
+        self.cases.limits().check_batch(request.images.len()).map_err(UseCaseError::TooLarge)?;
         let mut embeddings = Vec::with_capacity(request.images.len());
         let mut errors = Vec::new();
         for (position, result) in (0u32..).zip(self.cases.embed(request.images).await?) {

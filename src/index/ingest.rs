@@ -13,19 +13,7 @@ impl Index {
                 self.def().name
             ));
         }
-        if let Some(i) = vector.iter().position(|x| !x.is_finite()) {
-            return Err(format!("embedding value {i} is {}, not a finite number", vector[i]));
-        }
-        // Cosines divide by the norm: a zero vector has none, and one whose squared norm
-        // overflows f32 would make every similarity with it NaN.
-        let squared: f32 = vector.iter().map(|x| x * x).sum();
-        if squared == 0.0 {
-            return Err("embedding is all zeros (or too small to have a norm): it has no direction to compare".into());
-        }
-        if !squared.is_finite() {
-            return Err("embedding's norm overflows 32-bit floats: scale it down (cosine ignores scale)".into());
-        }
-        Ok(())
+        check_values(vector)
     }
 
     fn check_item(&self, item: &VectorItem) -> Result<(), String> {
@@ -84,5 +72,66 @@ impl Index {
     /// Deletes the items with these ids, durably; returns how many existed.
     pub fn delete(self: &Arc<Self>, ids: &[String]) -> Result<usize, IndexError> {
         self.log.submit(self.clone(), WriteRequest::Delete(ids.to_vec()))
+    }
+}
+
+/// An embedding's values are fit to compare: finite, and with a norm that cosine can divide by.
+/// The squared norm must be a normal f32 (so that the product of two norms never underflows to
+/// zero) and leave room below f32::MAX (so that no sum in the cosine kernels, whose lanes add in
+/// another order than this check, overflows): then no similarity is ever NaN or infinite.
+pub(crate) fn check_values(vector: &[f32]) -> Result<(), String> {
+    if let Some(i) = vector.iter().position(|x| !x.is_finite()) {
+        return Err(format!("embedding value {i} is {}, not a finite number", vector[i]));
+    }
+    let squared: f32 = vector.iter().map(|x| x * x).sum();
+    if squared < f32::MIN_POSITIVE {
+        return Err("embedding is all zeros (or too small to have a norm): it has no direction to compare".into());
+    }
+    if squared > f32::MAX / 16.0 {
+        return Err("embedding's norm overflows 32-bit floats: scale it down (cosine ignores scale)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_values;
+    use proptest::prelude::*;
+
+    fn any_f32() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            any::<u32>().prop_map(f32::from_bits),
+            -1e3f32..1e3,
+            Just(0.0),
+            Just(3e38),
+            Just(1e-30),
+            Just(f32::MIN_POSITIVE),
+        ]
+    }
+
+    proptest! {
+        /// Whatever bits a client sends, two embeddings that pass the check have a finite
+        /// cosine in [-1, 1] (up to rounding).
+        #[test]
+        fn accepted_embeddings_never_give_nan_or_infinite_similarity(
+            a in proptest::collection::vec(any_f32(), 1..24),
+            b in proptest::collection::vec(any_f32(), 1..24),
+        ) {
+            let n = a.len().min(b.len());
+            let (a, b) = (&a[..n], &b[..n]);
+            if check_values(a).is_ok() && check_values(b).is_ok() {
+                let c = crate::lsh::cosine(a, b);
+                prop_assert!(c.is_finite() && c.abs() <= 1.001, "{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_tiny_and_huge_are_refused() {
+        assert!(check_values(&[0.0; 8]).is_err());
+        assert!(check_values(&[1e-30; 8]).is_err());
+        assert!(check_values(&[3e38; 8]).is_err());
+        assert!(check_values(&[f32::NAN, 1.0]).is_err());
+        assert!(check_values(&[0.0, 1e-3]).is_ok());
     }
 }

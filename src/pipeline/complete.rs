@@ -15,18 +15,50 @@ pub(crate) fn check(bytes: &[u8], format: ImageFormat) -> Result<(), DecodeError
     }
 }
 
-/// A JPEG ends with EOI (FF D9) after its last start of scan (FF DA). Neither marker can occur
-/// inside entropy-coded data (an FF there is always followed by 00 or a restart marker), so
-/// the last SOS is the last scan's, and a cut anywhere in it loses the EOI.
+/// A JPEG is a chain of marker segments up to EOI (FF D9): walk it from SOI, segments by
+/// their lengths and each scan's entropy-coded data up to the next marker (inside it an FF is
+/// followed by 00, a restart marker or fill), and stop at the first EOI. What follows it
+/// (a phone's appended video, a vendor trailer) is not looked at. Running out of bytes
+/// anywhere before the EOI means the file was cut.
 fn jpeg(bytes: &[u8]) -> Result<(), DecodeError> {
-    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    let Some(scan) = last_scan else {
-        return Err(DecodeError::Truncated("the JPEG has no scan (start-of-scan marker)"));
-    };
-    if !bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err(DecodeError::Truncated("the JPEG's end-of-image marker is missing"));
+    let cut = || DecodeError::Truncated("the JPEG ends before its end-of-image marker");
+    let mut at = 2; // past SOI: the format was recognised by it
+    loop {
+        // The next marker; stray bytes between segments are skipped, as libjpeg does.
+        at += bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)).ok_or_else(cut)?;
+        while bytes.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let marker = *bytes.get(at).ok_or_else(cut)?;
+        at += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Standalone markers: no length.
+            0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let length = bytes.get(at..at + 2).ok_or_else(cut)?;
+        let length = usize::from(u16::from_be_bytes([length[0], length[1]]));
+        if length < 2 {
+            return Err(DecodeError::Corrupt(format!("a JPEG segment (marker {marker:#04x}) has length {length}")));
+        }
+        at += length;
+        if at > bytes.len() {
+            return Err(cut());
+        }
+        if marker == 0xDA {
+            // Entropy-coded data: up to an FF that starts a real marker.
+            loop {
+                at += bytes.get(at..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)).ok_or_else(cut)?;
+                match bytes.get(at + 1) {
+                    None => return Err(cut()),
+                    Some(0x00 | 0xD0..=0xD7) => at += 2,
+                    Some(0xFF) => at += 1,
+                    Some(_) => break,
+                }
+            }
+        }
     }
-    Ok(())
 }
 
 /// A PNG is a chain of chunks (length, type, data, CRC) ending with IEND: walk it, and a
@@ -55,26 +87,29 @@ fn png(bytes: &[u8]) -> Result<(), DecodeError> {
 }
 
 /// A WebP is a RIFF container: its header gives the size of what follows, and each chunk its
-/// own (padded to even).
+/// own, padded to even. libwebp accepts a last chunk of odd size without its pad byte (and a
+/// RIFF size that counts that missing byte); so does this.
 fn webp(bytes: &[u8]) -> Result<(), DecodeError> {
     let u32_at = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
     let Some(riff) = u32_at(4) else {
         return Err(DecodeError::Truncated("the WebP header is cut"));
     };
     let end = riff.saturating_add(8);
-    if end > bytes.len() {
+    if end > bytes.len().saturating_add(1) {
         return Err(DecodeError::Truncated("the WebP is shorter than its RIFF header says"));
     }
+    let end = end.min(bytes.len());
     let mut at = 12;
     while at < end {
         let Some(size) = u32_at(at + 4) else {
             return Err(DecodeError::Truncated("a WebP chunk header is cut"));
         };
-        let next = at.saturating_add(8).saturating_add(size).saturating_add(size & 1);
-        if next > end {
+        let data_end = at.saturating_add(8).saturating_add(size);
+        if data_end > end {
             return Err(DecodeError::Truncated("a WebP chunk runs past the end of the file"));
         }
-        at = next;
+        // The pad byte of an odd-sized chunk; only the last may go without it.
+        at = data_end + (size & 1);
     }
     Ok(())
 }
@@ -99,11 +134,14 @@ mod tests {
         for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP] {
             let bytes = encoded(format);
             check(&bytes, format).unwrap();
-            // Trailing bytes after the end are tolerated (cameras append them).
+            // Trailing bytes after the end are tolerated (cameras and phones append them,
+            // markers included).
             let mut padded = bytes.clone();
-            padded.extend_from_slice(&[0; 16]);
+            padded.extend_from_slice(b"\0\0\xff\xda\x00\x10junk\xff\xd8");
             check(&padded, format).unwrap();
-            for cut in 1..bytes.len() {
+            // (A WebP whose last chunk is odd-sized may lose its pad byte: the data is whole.)
+            let whole_without_pad = usize::from(format == ImageFormat::WebP);
+            for cut in 1..bytes.len() - whole_without_pad {
                 assert!(check(&bytes[..cut], format).is_err(), "{format:?} cut at {cut} of {} passed", bytes.len());
             }
         }

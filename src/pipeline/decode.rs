@@ -267,4 +267,36 @@ mod tests {
         let decoded = decode_rgb(&jpeg, &DecodeLimits::default()).unwrap();
         assert_eq!(decoded.dimensions(), (20, 40));
     }
+
+    fn encoded(format: ImageFormat) -> Vec<u8> {
+        let image =
+            DynamicImage::ImageRgb8(RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 5])));
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes, and valid images with bytes flipped, cut or spliced, decode to an
+        /// image or an error: never a panic, never more than the limits allow.
+        #[test]
+        fn damaged_and_arbitrary_images_are_errors_not_panics(
+            format in proptest::sample::select(vec![ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP]),
+            flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 0..6),
+            keep in proptest::prelude::any::<proptest::sample::Index>(),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let limits = DecodeLimits { max_side: 64, max_pixels: 64 * 64, ..DecodeLimits::default() };
+            let _ = decode_rgb(&noise, &limits);
+            let mut bytes = encoded(format);
+            for (at, value) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= value;
+            }
+            bytes.truncate(keep.index(bytes.len()) + 1);
+            if let Ok(rgb) = decode_rgb(&bytes, &limits) {
+                proptest::prop_assert!(rgb.width() <= 64 && rgb.height() <= 64);
+            }
+        }
+    }
 }

@@ -18,6 +18,25 @@ pub use memory::MemoryCatalog;
 pub use sled_store::{SledCatalog, SledOptions};
 pub use wal::{LogRecord, Position, Wal};
 
+/// Entry points for the fuzz targets in `fuzz/`: the readers of what is on disk, over files a
+/// fuzzer writes. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use super::StoreError;
+    use super::records::{Access, RecordFile};
+
+    /// Opens the file at `path` as a record file of `payload_len`-byte payloads, reads the
+    /// records of `items` and the first `committed` whole, then cuts it to `committed`.
+    pub fn read_record_file(path: &Path, payload_len: usize, committed: u32, items: &[u32]) -> Result<(), StoreError> {
+        let file = RecordFile::open(path, payload_len, Access::Mapped)?;
+        let _ = file.read_many(items, |_, payload| assert_eq!(payload.len(), payload_len));
+        let _ = file.read_all(committed, |n| n % 3 != 0, |_, payload| assert_eq!(payload.len(), payload_len));
+        file.cut_to(committed)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend's own error (its detail boxed: the contract names no backend).
