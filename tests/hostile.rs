@@ -209,6 +209,24 @@ async fn streams_over_the_limit_are_refused_and_abandoned_streams_free_their_pla
     }
     assert!(freed, "a stream is taken once the abandoned ones are gone");
 
+    // A stream idle past its grpc-timeout ends with DEADLINE_EXCEEDED (not tonic's CANCELLED;
+    // unary deadlines are unit-tested on the layer, `api::guard`, with a call that cannot
+    // finish in time).
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::IngestRequest>(1);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert("grpc-timeout", "300m".parse().unwrap());
+    let started = std::time::Instant::now();
+    let outcome = async {
+        let mut inbound = client.ingest(request).await?.into_inner();
+        while inbound.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    assert_refused(outcome, Code::DeadlineExceeded, "an idle stream past its deadline");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    drop(tx);
+    alive(&mut client).await;
+
     // DropIndex while streams ingest into it: the streams end with NOT_FOUND or finish.
     let writers: Vec<_> = (0..4)
         .map(|w| {

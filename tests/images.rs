@@ -201,6 +201,11 @@ async fn every_bad_image_fails_alone_and_every_pixel_kind_is_indexed() {
     giant_header.extend_from_slice(&body[4..]);
     giant_header.extend_from_slice(&crc32(&body).to_be_bytes());
 
+    // A WebP whose extended header (VP8X) declares a 100000×100000 canvas.
+    let mut giant_webp = b"RIFF\x16\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00".to_vec();
+    giant_webp.extend_from_slice(&99_999u32.to_le_bytes()[..3]);
+    giant_webp.extend_from_slice(&99_999u32.to_le_bytes()[..3]);
+
     let good: Vec<(&str, Vec<u8>)> = vec![
         ("grey", png(image::DynamicImage::ImageLuma8(photo.to_luma8()))),
         ("grey-alpha", png(image::DynamicImage::ImageLumaA8(photo.to_luma_alpha8()))),
@@ -225,6 +230,7 @@ async fn every_bad_image_fails_alone_and_every_pixel_kind_is_indexed() {
         ("truncated-webp", cut("chelsea.webp", 0.5)),
         ("jpeg-missing-its-end", cut("chelsea_exif_rotated.jpg", 0.999)),
         ("mislabelled", mislabelled),
+        ("giant-webp-header", giant_webp),
         ("20000x20", png(image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(20_000, 20, image::Luma([9]))))),
     ];
     // Interleave bad and good items in one batch.

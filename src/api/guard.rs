@@ -254,6 +254,61 @@ impl Body for GuardedBody {
 mod tests {
     use super::*;
 
+    /// A service that answers after `delay`.
+    fn slow(
+        delay: Duration,
+    ) -> impl tower::Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = impl Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>> + Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_: http::Request<()>| async move {
+            tokio::time::sleep(delay).await;
+            Ok(http::Response::new(tonic::body::Body::empty()))
+        })
+    }
+
+    fn request(path: &str, timeout: Option<&str>) -> http::Request<()> {
+        let mut r = http::Request::builder().uri(path);
+        if let Some(t) = timeout {
+            r = r.header("grpc-timeout", t);
+        }
+        r.body(()).unwrap()
+    }
+
+    fn status_of(response: &http::Response<tonic::body::Body>) -> Option<&[u8]> {
+        response.headers().get("grpc-status").map(|v| v.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn unary_calls_end_at_the_shorter_deadline_and_streams_at_their_clients() {
+        use tower::{Layer, ServiceExt};
+        let limits = GuardLimits { max_calls: 4, max_streams: 1, max_unary: Duration::from_millis(300) };
+        let layer = GuardLayer::new(limits);
+        let guard = layer.layer(slow(Duration::from_secs(2)));
+        // The client's 50 ms, then the server's 300 ms maximum: DEADLINE_EXCEEDED (4) either way.
+        for timeout in [Some("50m"), None] {
+            let started = tokio::time::Instant::now();
+            let response = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/Query", timeout)).await.unwrap();
+            assert_eq!(status_of(&response), Some(&b"4"[..]), "{timeout:?}");
+            assert!(started.elapsed() < Duration::from_millis(1000));
+        }
+        // A stream has no server maximum: it gets its answer.
+        let guard = layer.layer(slow(Duration::from_millis(400)));
+        let response = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/Ingest", None)).await.unwrap();
+        assert_eq!(status_of(&response), None);
+        // Health needs no permit, even with every call permit taken.
+        let held: Vec<_> = (0..4).map(|_| layer.calls.clone().try_acquire_owned().unwrap()).collect();
+        let refused = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/GetIndex", None)).await.unwrap();
+        assert_eq!(status_of(&refused), Some(&b"8"[..]));
+        let health = guard.oneshot(request("/grpc.health.v1.Health/Check", None)).await.unwrap();
+        assert_eq!(status_of(&health), None);
+        drop(held);
+    }
+
     #[test]
     fn grpc_timeouts_parse_and_bad_ones_are_ignored() {
         assert_eq!(parse_grpc_timeout(b"100m"), Some(Duration::from_millis(100)));
