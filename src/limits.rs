@@ -105,11 +105,13 @@ impl RequestLimits {
         Self::check(probes.unwrap_or(0) as usize, self.max_probes as usize, "probes", "--max-probes")
     }
 
-    /// A new index of `dim` dimensions, `planes` hash hyperplanes (K × L) and `sketch_bits`
-    /// sketch planes: checked with saturating arithmetic, before anything is allocated.
-    pub fn check_shape(&self, dim: u32, planes: u64, sketch_bits: u32) -> Result<(), OverLimit> {
-        Self::check(dim as usize, self.max_dim as usize, "dim", "--max-dim")?;
-        let bytes = u64::from(dim).saturating_mul(planes.saturating_add(u64::from(sketch_bits))).saturating_mul(4);
+    pub fn check_dim(&self, dim: u32) -> Result<(), OverLimit> {
+        Self::check(dim as usize, self.max_dim as usize, "dim", "--max-dim")
+    }
+
+    /// The memory a new index's planes would take, computed before anything is allocated.
+    pub fn check_plane_memory(&self, shape: &crate::index::IndexShape) -> Result<(), OverLimit> {
+        let bytes = shape.plane_bytes();
         if bytes > self.max_plane_bytes {
             return Err(OverLimit {
                 what: "the memory of the index's planes in bytes",
@@ -138,11 +140,13 @@ mod tests {
 
     #[test]
     fn shape_over_memory_is_refused_without_overflow() {
+        use crate::index::IndexShape;
         let limits = RequestLimits::default();
-        assert!(limits.check_shape(2_000_000_000, 192, 512).is_err());
-        assert!(limits.check_shape(16_384, u64::MAX, 4096).is_err());
-        assert!(limits.check_shape(1280, 192, 512).is_ok());
-        let e = limits.check_shape(16_384, 4096, 4096).unwrap_err();
+        let shape = |dim, hash_bits, tables, sketch_bits| IndexShape { dim, hash_bits, tables, sketch_bits };
+        assert!(limits.check_dim(2_000_000_000).is_err());
+        assert!(limits.check_plane_memory(&shape(u32::MAX, u32::MAX, u32::MAX, u32::MAX)).is_err());
+        assert!(limits.check_plane_memory(&shape(1280, 12, 16, 512)).is_ok());
+        let e = limits.check_plane_memory(&shape(16_384, 64, 64, 4096)).unwrap_err();
         assert!(e.to_string().contains("--max-plane-mb"), "{e}");
     }
 

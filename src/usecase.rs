@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::index::{
-    DEFAULT_HASH_BITS, DEFAULT_SKETCH_BITS, DEFAULT_TABLES, Engine, Index, IndexError, IndexInfo, IndexSpec,
-    IngestOutcome, ItemFailure, QueryOptions, QueryResult, VectorItem,
+    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, QueryOptions, QueryResult, VectorItem,
 };
 use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
@@ -113,16 +112,9 @@ impl UseCases {
     /// Creates an index. It holds the served model's embeddings when its dimension is the
     /// model's (or unset), and then takes the model's center unless told otherwise.
     pub async fn create(&self, new: NewIndex) -> Result<IndexInfo, UseCaseError> {
-        let dim = if new.dim == 0 { self.engine.default_dim() } else { new.dim };
-        let k = if new.hash_bits == 0 { DEFAULT_HASH_BITS } else { new.hash_bits };
-        let l = if new.tables == 0 { DEFAULT_TABLES } else { new.tables };
-        let sketch_bits = if new.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { new.sketch_bits };
-        if dim > self.limits.max_dim {
-            let over =
-                OverLimit { what: "dim", value: dim.into(), limit: self.limits.max_dim.into(), flag: "--max-dim" };
-            return Err(UseCaseError::InvalidArgument(over.to_string()));
-        }
-        self.limits.check_shape(dim, u64::from(k) * u64::from(l), sketch_bits).map_err(UseCaseError::TooLarge)?;
+        let shape = self.engine.shape_for(new.dim, new.hash_bits, new.tables, new.sketch_bits);
+        self.limits.check_dim(shape.dim).map_err(|over| UseCaseError::InvalidArgument(over.to_string()))?;
+        self.limits.check_plane_memory(&shape).map_err(UseCaseError::TooLarge)?;
         let served = self.pipeline.as_ref().map(|p| p.card()).filter(|card| new.dim == 0 || new.dim == card.dim);
         let model = served.map(|card| card.name.clone()).unwrap_or_default();
         let center = match (new.center.is_empty(), new.no_center) {

@@ -6,11 +6,12 @@
 
 use std::sync::{Arc, LazyLock};
 
-use imagelsh::index::{Engine, QueryOptions, SearchPlan};
+use imagelsh::api::query_call;
+use imagelsh::index::Engine;
 use imagelsh::limits::RequestLimits;
-use imagelsh::proto::{self, item::Content, query_request::Query};
+use imagelsh::proto;
 use imagelsh::store::MemoryCatalog;
-use imagelsh::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput, UseCases};
+use imagelsh::usecase::{IncomingItem, NewIndex, UseCases};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -38,18 +39,7 @@ fuzz_target!(|data: &[u8]| {
         match kind % 3 {
             0 => {
                 let Ok(r) = proto::CreateIndexRequest::decode(bytes) else { return };
-                let new = NewIndex {
-                    name: r.name,
-                    dim: r.dim,
-                    hash_bits: r.hash_bits,
-                    tables: r.tables,
-                    seed: r.seed,
-                    center: r.center,
-                    no_center: r.no_center,
-                    sketch_bits: r.sketch_bits,
-                    store_embeddings: r.store_embeddings,
-                };
-                if let Ok(info) = world.cases.create(new).await
+                if let Ok(info) = world.cases.create(NewIndex::from(r)).await
                     && info.def.name != "f"
                 {
                     let _ = world.cases.engine().drop_index(&info.def.name);
@@ -57,38 +47,12 @@ fuzz_target!(|data: &[u8]| {
             }
             1 => {
                 let Ok(r) = proto::IngestRequest::decode(bytes) else { return };
-                let items = r
-                    .items
-                    .into_iter()
-                    .map(|item| IncomingItem {
-                        id: item.id,
-                        label: item.label,
-                        metadata: item.metadata,
-                        content: match item.content {
-                            Some(Content::Embedding(e)) => ItemContent::Embedding(e.values),
-                            Some(Content::Image(b)) => ItemContent::Image(b),
-                            None => ItemContent::Missing,
-                        },
-                    })
-                    .collect();
+                let items = r.items.into_iter().map(IncomingItem::from).collect();
                 let _ = world.cases.ingest("f", items).await;
             }
             _ => {
                 let Ok(r) = proto::QueryRequest::decode(bytes) else { return };
-                let input = match r.query {
-                    Some(Query::Embedding(e)) => QueryInput::Embedding(e.values),
-                    Some(Query::Id(id)) => QueryInput::Id(id),
-                    Some(Query::Image(b)) => QueryInput::Image(b),
-                    None => return,
-                };
-                let options = QueryOptions {
-                    top_k: r.top_k,
-                    min_votes: r.min_votes,
-                    probes: r.probes,
-                    rerank: r.rerank,
-                    rerank_depth: r.rerank_depth,
-                    plan: SearchPlan::Auto,
-                };
+                let Ok((_, input, options)) = query_call(r) else { return };
                 if let Ok(result) = world.cases.query("f".into(), input, options).await {
                     assert!(result.hits.iter().all(|h| h.similarity.is_finite() && h.score.is_finite()));
                 }

@@ -238,9 +238,7 @@ where
         if let Err(status) = authorize(&self.tokens.tokens(), request.uri().path(), request.headers()) {
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        // The clone that was polled ready serves this call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         Box::pin(inner.call(request))
     }
 }

@@ -1,7 +1,59 @@
 //! Wire messages ⇄ domain types.
 
-use crate::index::{Hit, IndexInfo, ItemFailure, SearchPlan};
-use crate::proto;
+use tonic::Status;
+
+use crate::index::{Hit, IndexInfo, ItemFailure, QueryOptions, SearchPlan};
+use crate::proto::{self, item::Content, query_request::Query};
+use crate::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput};
+
+impl From<proto::CreateIndexRequest> for NewIndex {
+    fn from(r: proto::CreateIndexRequest) -> Self {
+        NewIndex {
+            name: r.name,
+            dim: r.dim,
+            hash_bits: r.hash_bits,
+            tables: r.tables,
+            seed: r.seed,
+            center: r.center,
+            no_center: r.no_center,
+            sketch_bits: r.sketch_bits,
+            store_embeddings: r.store_embeddings,
+        }
+    }
+}
+
+impl From<proto::Item> for IncomingItem {
+    fn from(item: proto::Item) -> Self {
+        let proto::Item { id, label, metadata, content } = item;
+        let content = match content {
+            Some(Content::Embedding(e)) => ItemContent::Embedding(e.values),
+            Some(Content::Image(bytes)) => ItemContent::Image(bytes),
+            None => ItemContent::Missing,
+        };
+        IncomingItem { id, label, metadata, content }
+    }
+}
+
+/// A query request as the use case takes it: the index's name, what to look up, and how.
+pub fn query_call(r: proto::QueryRequest) -> Result<(String, QueryInput, QueryOptions), Status> {
+    let plan = proto::SearchPlan::try_from(r.plan)
+        .map_err(|_| Status::invalid_argument(format!("unknown search plan {}", r.plan)))?;
+    let input = match r.query {
+        Some(Query::Embedding(e)) => QueryInput::Embedding(e.values),
+        Some(Query::Id(id)) => QueryInput::Id(id),
+        Some(Query::Image(bytes)) => QueryInput::Image(bytes),
+        None => return Err(Status::invalid_argument("a query needs an image, an embedding or an id")),
+    };
+    let options = QueryOptions {
+        top_k: r.top_k,
+        min_votes: r.min_votes,
+        probes: r.probes,
+        rerank: r.rerank,
+        rerank_depth: r.rerank_depth,
+        plan: plan.into(),
+    };
+    Ok((r.index, input, options))
+}
 
 impl From<IndexInfo> for proto::IndexInfo {
     fn from(info: IndexInfo) -> Self {

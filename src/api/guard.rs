@@ -180,8 +180,7 @@ where
         };
         let deadline = budget.map(|b| Instant::now() + b.saturating_sub(DEADLINE_MARGIN));
         let held = Held { _call: call, _stream: stream };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let response = inner.call(request);
         Box::pin(async move {
             let response = match deadline {

@@ -21,6 +21,7 @@ use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndexServer;
 pub use auth::{Role, TokenSource, Tokens, TokensError};
+pub use convert::query_call;
 pub use guard::GuardLimits;
 pub use service::ImageIndexService;
 
@@ -143,6 +144,13 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+/// The service a Tower layer calls next: `inner` was polled ready, and the clone left in its
+/// place is polled anew for the next call (tower's rule for services called from a future).
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
 }
 
 /// Answers UNAVAILABLE to calls that arrive once shutdown has begun.

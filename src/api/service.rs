@@ -10,12 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::index::{Engine, QueryOptions};
+use crate::index::Engine;
 use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
+use crate::proto;
 use crate::proto::image_index_server::ImageIndex;
-use crate::proto::{self, item::Content, query_request};
-use crate::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput, UseCaseError, UseCases, blocking};
+use crate::usecase::{IncomingItem, NewIndex, UseCaseError, UseCases, blocking};
 
 /// Responses a stream may have queued before the server waits for the client to read them.
 const STREAM_RESPONSE_BUFFER: usize = 4;
@@ -38,19 +38,7 @@ impl ImageIndexService {
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
         self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
-        let items = request
-            .items
-            .into_iter()
-            .map(|item| {
-                let proto::Item { id, label, metadata, content } = item;
-                let content = match content {
-                    Some(Content::Embedding(e)) => ItemContent::Embedding(e.values),
-                    Some(Content::Image(bytes)) => ItemContent::Image(bytes),
-                    None => ItemContent::Missing,
-                };
-                IncomingItem { id, label, metadata, content }
-            })
-            .collect();
+        let items = request.items.into_iter().map(IncomingItem::from).collect();
         let outcome = self.cases.ingest(&request.index, items).await?;
         Ok(proto::IngestResponse {
             batch_id: request.batch_id,
@@ -118,19 +106,7 @@ impl ImageIndex for ImageIndexService {
         &self,
         request: Request<proto::CreateIndexRequest>,
     ) -> Result<Response<proto::IndexInfo>, Status> {
-        let r = request.into_inner();
-        let new = NewIndex {
-            name: r.name,
-            dim: r.dim,
-            hash_bits: r.hash_bits,
-            tables: r.tables,
-            seed: r.seed,
-            center: r.center,
-            no_center: r.no_center,
-            sketch_bits: r.sketch_bits,
-            store_embeddings: r.store_embeddings,
-        };
-        let info = self.cases.create(new).await?;
+        let info = self.cases.create(NewIndex::from(request.into_inner())).await?;
         tracing::info!(index = %info.def.name, dim = info.def.dim, k = info.def.hash_bits, l = info.def.tables, model = %info.def.model, "index created");
         Ok(Response::new(info.into()))
     }
@@ -177,24 +153,8 @@ impl ImageIndex for ImageIndexService {
     }
 
     async fn query(&self, request: Request<proto::QueryRequest>) -> Result<Response<proto::QueryResponse>, Status> {
-        let r = request.into_inner();
-        let plan = proto::SearchPlan::try_from(r.plan)
-            .map_err(|_| Status::invalid_argument(format!("unknown search plan {}", r.plan)))?;
-        let input = match r.query {
-            Some(query_request::Query::Embedding(e)) => QueryInput::Embedding(e.values),
-            Some(query_request::Query::Id(id)) => QueryInput::Id(id),
-            Some(query_request::Query::Image(bytes)) => QueryInput::Image(bytes),
-            None => return Err(Status::invalid_argument("a query needs an image, an embedding or an id")),
-        };
-        let options = QueryOptions {
-            top_k: r.top_k,
-            min_votes: r.min_votes,
-            probes: r.probes,
-            rerank: r.rerank,
-            rerank_depth: r.rerank_depth,
-            plan: plan.into(),
-        };
-        let result = self.cases.query(r.index, input, options).await?;
+        let (index, input, options) = super::convert::query_call(request.into_inner())?;
+        let result = self.cases.query(index, input, options).await?;
         Ok(Response::new(proto::QueryResponse {
             hits: result.hits.into_iter().map(Into::into).collect(),
             candidates: result.candidates,

@@ -66,24 +66,19 @@ impl Engine {
 
     pub fn create(&self, spec: IndexSpec) -> Result<IndexInfo, IndexError> {
         validate_name(&spec.name)?;
-        let shape = LshShape {
-            dim: if spec.dim == 0 { self.default_dim } else { spec.dim } as usize,
-            hash_bits: if spec.hash_bits == 0 { DEFAULT_HASH_BITS } else { spec.hash_bits },
-            tables: if spec.tables == 0 { DEFAULT_TABLES } else { spec.tables },
-        };
-        let sketch_bits = if spec.sketch_bits == 0 { DEFAULT_SKETCH_BITS } else { spec.sketch_bits };
+        let resolved = self.shape_for(spec.dim, spec.hash_bits, spec.tables, spec.sketch_bits);
         // Before anything is drawn: a shape from a request must never size an allocation the
         // process cannot make (the service's configurable limits are below these).
-        let planes_bytes = (shape.dim as u64)
-            .saturating_mul(u64::from(shape.hash_bits).saturating_mul(shape.tables.into()) + u64::from(sketch_bits))
-            .saturating_mul(4);
-        if shape.dim > MAX_DIM as usize || planes_bytes > MAX_PLANE_BYTES {
+        if resolved.dim > MAX_DIM || resolved.plane_bytes() > MAX_PLANE_BYTES {
             return Err(IndexError::InvalidArgument(format!(
-                "an index of dimension {} with these planes would take {planes_bytes} bytes; the limits are \
-                 dimension {MAX_DIM} and {MAX_PLANE_BYTES} bytes",
-                shape.dim
+                "an index of dimension {} with these planes would take {} bytes; the limits are dimension \
+                 {MAX_DIM} and {MAX_PLANE_BYTES} bytes",
+                resolved.dim,
+                resolved.plane_bytes()
             )));
         }
+        let shape = LshShape { dim: resolved.dim as usize, hash_bits: resolved.hash_bits, tables: resolved.tables };
+        let sketch_bits = resolved.sketch_bits;
         let mut planes = Hyperplanes::draw(shape, spec.seed)?;
         let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
         if let Some(center) = &spec.center {
@@ -114,9 +109,16 @@ impl Engine {
         index.info()
     }
 
-    /// The dimension an index created with `dim = 0` gets (the default model's).
-    pub fn default_dim(&self) -> u32 {
-        self.default_dim
+    /// A new index's shape, each 0 replaced by its default (the dimension by the default
+    /// model's).
+    pub fn shape_for(&self, dim: u32, hash_bits: u32, tables: u32, sketch_bits: u32) -> IndexShape {
+        let or = |value: u32, default: u32| if value == 0 { default } else { value };
+        IndexShape {
+            dim: or(dim, self.default_dim),
+            hash_bits: or(hash_bits, DEFAULT_HASH_BITS),
+            tables: or(tables, DEFAULT_TABLES),
+            sketch_bits: or(sketch_bits, DEFAULT_SKETCH_BITS),
+        }
     }
 
     /// The open index of that name.

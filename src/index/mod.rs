@@ -68,6 +68,23 @@ pub const MAX_NAME_BYTES: usize = 128;
 /// Hard bounds on a new index's shape, whatever the service's configuration.
 pub const MAX_DIM: u32 = 65_536;
 pub const MAX_PLANE_BYTES: u64 = 1 << 30;
+
+/// A new index's shape with its defaults filled in (`Engine::shape_for`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexShape {
+    pub dim: u32,
+    pub hash_bits: u32,
+    pub tables: u32,
+    pub sketch_bits: u32,
+}
+
+impl IndexShape {
+    /// Bytes of its hyperplanes and sketch planes (f32), saturating: what creating it draws.
+    pub fn plane_bytes(&self) -> u64 {
+        let planes = u64::from(self.hash_bits) * u64::from(self.tables) + u64::from(self.sketch_bits);
+        u64::from(self.dim).saturating_mul(planes).saturating_mul(4)
+    }
+}
 /// Extra buckets per table a query may visit.
 pub const MAX_PROBES: u32 = 1024;
 /// Largest index (in bytes of sketches) that `SearchPlan::Auto` answers by scanning every
