@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("imagelsh_descriptor.bin"))
+        // Prost's codec with a bound on what a request expands to when decoded (src/api/codec.rs).
+        .codec_path("crate::api::codec::BoundedCodec")
         .compile_protos(&["proto/imagelsh/v1/imagelsh.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .build_server(false)

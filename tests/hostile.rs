@@ -124,6 +124,14 @@ async fn hostile_requests_get_their_codes_and_the_server_stays_up() {
     // Too many items in one batch: the whole batch is refused with RESOURCE_EXHAUSTED.
     let flood: Vec<Item> = (0..5000).map(|i| vector_item(format!("f{i}"), "", &good[0])).collect();
     assert_refused(ingest(&mut client, vec![batch("h", 2, flood)]).await, Code::ResourceExhausted, "5000 items");
+    // 200k empty items (400 KB on the wire, ~26 MB once decoded): refused before decoding.
+    let empty = vec![Item::default(); 200_000];
+    let message = assert_refused(
+        ingest(&mut client, vec![batch("h", 2, empty)]).await,
+        Code::ResourceExhausted,
+        "200k empty items",
+    );
+    assert!(message.contains("more than the server ever takes"), "{message}");
 
     // Queries: bad vectors and bounds.
     let mut q = query_vector("h", &[3e38; DIM], 3);

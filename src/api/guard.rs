@@ -183,13 +183,35 @@ where
         let mut inner = super::take_ready(&mut self.inner);
         let response = inner.call(request);
         Box::pin(async move {
+            let mut response = Box::pin(response);
             let response = match deadline {
                 None => response.await?,
-                Some(at) => match tokio::time::timeout_at(at, response).await {
+                Some(at) => match tokio::time::timeout_at(at, &mut response).await {
                     Ok(response) => response?,
-                    Err(_) => return Ok(expired().into_http()),
+                    Err(_) => {
+                        // The work a handler started runs on (a blocking task cannot be
+                        // cancelled): it keeps its permits until it ends, so that calls past
+                        // their deadline still count against the limits.
+                        tokio::spawn(async move {
+                            let _ = response.await;
+                            drop(held);
+                        });
+                        return Ok(expired().into_http());
+                    }
                 },
             };
+            let held = Arc::new(std::sync::Mutex::new(Some(held)));
+            if let Some(at) = deadline {
+                // A client that stops reading (no HTTP/2 window) never lets the body be polled
+                // again: the permits go at the deadline all the same.
+                let held = Arc::downgrade(&held);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    if let Some(held) = held.upgrade() {
+                        held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    }
+                });
+            }
             Ok(response.map(|body| {
                 tonic::body::Body::new(GuardedBody {
                     inner: body,
@@ -210,7 +232,8 @@ fn expired() -> Status {
 struct GuardedBody {
     inner: tonic::body::Body,
     deadline: Option<Pin<Box<Sleep>>>,
-    _held: Held,
+    /// Taken by the deadline's timer, or dropped with the body, whichever comes first.
+    _held: Arc<std::sync::Mutex<Option<Held>>>,
     ended: bool,
 }
 
@@ -300,12 +323,32 @@ mod tests {
         let response = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/Ingest", None)).await.unwrap();
         assert_eq!(status_of(&response), None);
         // Health needs no permit, even with every call permit taken.
-        let held: Vec<_> = (0..4).map(|_| layer.calls.clone().try_acquire_owned().unwrap()).collect();
+        // (The two calls past their deadline still hold theirs: their work runs on.)
+        let mut held = Vec::new();
+        while let Ok(permit) = layer.calls.clone().try_acquire_owned() {
+            held.push(permit);
+        }
+        assert_eq!(held.len(), 2);
         let refused = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/GetIndex", None)).await.unwrap();
         assert_eq!(status_of(&refused), Some(&b"8"[..]));
         let health = guard.oneshot(request("/grpc.health.v1.Health/Check", None)).await.unwrap();
         assert_eq!(status_of(&health), None);
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_keeps_its_permit_while_its_work_runs() {
+        use tower::{Layer, ServiceExt};
+        let limits = GuardLimits { max_calls: 1, max_streams: 1, max_unary: Duration::from_secs(10) };
+        let guard = GuardLayer::new(limits).layer(slow(Duration::from_millis(400)));
+        let expired = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/Query", Some("50m"))).await.unwrap();
+        assert_eq!(status_of(&expired), Some(&b"4"[..]));
+        // Its work still runs: the one permit is taken.
+        let refused = guard.clone().oneshot(request("/imagelsh.v1.ImageIndex/Query", None)).await.unwrap();
+        assert_eq!(status_of(&refused), Some(&b"8"[..]));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let served = guard.oneshot(request("/imagelsh.v1.ImageIndex/Query", None)).await.unwrap();
+        assert_eq!(status_of(&served), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! shutdown behaviour around them. Knows the domain (`crate::index`), not the store.
 
 pub mod auth;
+pub mod codec;
 mod convert;
 pub mod guard;
 mod service;
