@@ -120,6 +120,10 @@ pub struct LimitsConfig {
     /// Streams run as long as their client's deadline allows (a bulk ingest may take hours).
     #[arg(long, env = "IMAGELSH_MAX_CALL_SECS", default_value_t = 60)]
     pub max_call_secs: u64,
+    /// An ingest or embed stream that sends no message for this long is ended with
+    /// DEADLINE_EXCEEDED (it would hold its place among --max-streams for ever).
+    #[arg(long, env = "IMAGELSH_STREAM_IDLE_SECS", default_value_t = crate::api::DEFAULT_STREAM_IDLE.as_secs())]
+    pub stream_idle_secs: u64,
 }
 
 impl LimitsConfig {

@@ -249,6 +249,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         tls,
         tokens,
         reflection: security.reflection,
+        stream_idle: Duration::from_secs(config.limits.stream_idle_secs.max(1)),
     };
     let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, options, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);

@@ -30,7 +30,7 @@ fn assert_refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Co
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_requests_get_their_codes_and_the_server_stays_up() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), &["--no-model", "--max-streams", "8"]);
+    let server = TestServer::start_with(dir.path(), &["--no-model", "--stream-idle-secs", "1"]);
     let mut client = server.client().await;
     create(&mut client, "h", DIM as u32, 4, 4).await;
 
@@ -161,6 +161,19 @@ async fn hostile_requests_get_their_codes_and_the_server_stays_up() {
     let delete = proto::DeleteRequest { index: "h".into(), ids: vec!["y".repeat(100_000)] };
     assert_refused(client.delete(delete).await, Code::InvalidArgument, "a delete of an over-long id");
     alive(&mut client).await;
+
+    // A stream with no deadline of its own that goes quiet is ended after --stream-idle-secs.
+    let (tx, rx) = tokio::sync::mpsc::channel::<proto::IngestRequest>(1);
+    let started = std::time::Instant::now();
+    let quiet = async {
+        let mut inbound = client.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        while inbound.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let message = assert_refused(quiet, Code::DeadlineExceeded, "a stream idle past --stream-idle-secs");
+    assert!(message.contains("--stream-idle-secs") && started.elapsed() < Duration::from_secs(10), "{message}");
+    drop(tx);
 
     // Message over the size limit.
     let huge = vec![Item {

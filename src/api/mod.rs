@@ -61,7 +61,7 @@ impl TlsFiles {
 
 /// Everything about how the server meets its clients. The default: no TLS, no tokens (every
 /// call allowed), the default limits, no reflection: for tests and embedded use.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub limits: Limits,
     pub requests: RequestLimits,
@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub tls: Option<TlsFiles>,
     pub tokens: TokenSource,
     pub reflection: bool,
+    /// An ingest or embed stream that sends nothing for this long is ended.
+    pub stream_idle: Duration,
 }
 
 /// Bounds on what clients may ask of the server.
@@ -114,7 +116,8 @@ pub async fn serve(
     };
 
     let limits = &options.limits;
-    let service = ImageIndexService::new(engine, pipeline, options.requests.clone(), shutdown.clone());
+    let service =
+        ImageIndexService::new(engine, pipeline, options.requests.clone(), options.stream_idle, shutdown.clone());
     let image_index = ImageIndexServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -153,6 +156,24 @@ fn take_ready<S: Clone>(inner: &mut S) -> S {
     let clone = inner.clone();
     std::mem::replace(inner, clone)
 }
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            requests: RequestLimits::default(),
+            guard: GuardLimits::default(),
+            tls: None,
+            tokens: TokenSource::default(),
+            reflection: false,
+            stream_idle: DEFAULT_STREAM_IDLE,
+        }
+    }
+}
+
+/// How long an ingest or embed stream may send nothing: a bulk job between files, a client
+/// waiting on its own disk; not a client that went away without closing.
+pub const DEFAULT_STREAM_IDLE: Duration = Duration::from_secs(300);
 
 /// Answers UNAVAILABLE to calls that arrive once shutdown has begun.
 #[derive(Clone)]

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +25,9 @@ const STREAM_RESPONSE_BUFFER: usize = 4;
 pub struct ImageIndexService {
     cases: UseCases,
     shutdown: CancellationToken,
+    /// A stream that sends nothing for this long is ended (DEADLINE_EXCEEDED): it would hold
+    /// its stream permit for ever.
+    stream_idle: Duration,
 }
 
 impl ImageIndexService {
@@ -31,9 +35,10 @@ impl ImageIndexService {
         engine: Arc<Engine>,
         pipeline: Option<Arc<ImagePipeline>>,
         limits: RequestLimits,
+        stream_idle: Duration,
         shutdown: CancellationToken,
     ) -> Self {
-        Self { cases: UseCases::new(engine, pipeline, limits), shutdown }
+        Self { cases: UseCases::new(engine, pipeline, limits), shutdown, stream_idle }
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
@@ -70,6 +75,7 @@ impl ImageIndexService {
 fn respond_in_order<Req, Resp, F, Fut>(
     mut inbound: Streaming<Req>,
     shutdown: CancellationToken,
+    idle: Duration,
     handle: F,
 ) -> ReceiverStream<Result<Resp, Status>>
 where
@@ -84,7 +90,12 @@ where
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Status::unavailable("the server is shutting down")),
-                next = inbound.message() => next,
+                next = tokio::time::timeout(idle, inbound.message()) => next.unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(format!(
+                        "no message for {} s (--stream-idle-secs): the stream is ended",
+                        idle.as_secs()
+                    )))
+                }),
             };
             let response = match next {
                 Ok(Some(request)) => handle(request).await,
@@ -145,7 +156,7 @@ impl ImageIndex for ImageIndexService {
         request: Request<Streaming<proto::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
         let this = self.clone();
-        let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), move |batch| {
+        let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), self.stream_idle, move |batch| {
             let this = this.clone();
             async move { this.ingest_batch(batch).await }
         });
@@ -176,7 +187,7 @@ impl ImageIndex for ImageIndexService {
     ) -> Result<Response<Self::EmbedStream>, Status> {
         self.cases.pipeline()?;
         let this = self.clone();
-        let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), move |batch| {
+        let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), self.stream_idle, move |batch| {
             let this = this.clone();
             async move { this.embed_batch(batch).await }
         });
