@@ -201,22 +201,24 @@ where
                 },
             };
             let held = Arc::new(std::sync::Mutex::new(Some(held)));
-            if let Some(at) = deadline {
-                // A client that stops reading (no HTTP/2 window) never lets the body be polled
-                // again: the permits go at the deadline all the same.
+            // A client that stops reading (no HTTP/2 window) never lets the body be polled
+            // again: the permits go at the deadline all the same. The timer ends with the body.
+            let timer = deadline.map(|at| {
                 let held = Arc::downgrade(&held);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(at).await;
                     if let Some(held) = held.upgrade() {
                         held.lock().unwrap_or_else(|e| e.into_inner()).take();
                     }
-                });
-            }
+                })
+                .abort_handle()
+            });
             Ok(response.map(|body| {
                 tonic::body::Body::new(GuardedBody {
                     inner: body,
                     deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
                     _held: held,
+                    timer,
                     ended: false,
                 })
             }))
@@ -234,7 +236,17 @@ struct GuardedBody {
     deadline: Option<Pin<Box<Sleep>>>,
     /// Taken by the deadline's timer, or dropped with the body, whichever comes first.
     _held: Arc<std::sync::Mutex<Option<Held>>>,
+    timer: Option<tokio::task::AbortHandle>,
     ended: bool,
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // No sleeping task per finished call (a unary call's maximum is a minute).
+        if let Some(timer) = self.timer.take() {
+            timer.abort();
+        }
+    }
 }
 
 impl Body for GuardedBody {
