@@ -5,6 +5,7 @@
 //! and `store` (sled). Each layer has its own error type; `api::status` maps them to gRPC.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod embed;

@@ -16,6 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "imagelsh", version, about = "Image embedding and similarity search over a persistent LSH index")]
 struct Cli {
@@ -53,6 +55,13 @@ enum Command {
         /// The calibration images.
         images: Vec<std::path::PathBuf>,
     },
+    /// Ingest folders, manifests or IDX files into an index of a running server: several
+    /// streams, retries, and a rerun resumes where an interrupted job stopped.
+    Ingest(Box<cli::ingest::IngestArgs>),
+    /// The best matches of an image file or a stored item, from a running server.
+    Query(Box<cli::query::QueryArgs>),
+    /// A running server's indexes and their sizes.
+    Stats(cli::stats::StatsArgs),
     /// Fill an index on a running server with real images found on this machine and query it.
     Demo {
         /// The server's address.
@@ -82,11 +91,21 @@ fn main() -> anyhow::Result<()> {
         Command::Check { storage, repair } => check_data_dir(&storage, repair),
         Command::Compact(storage) => compact_data_dir(&storage),
         Command::Center { model, out, images } => write_center(&model, &out, &images),
+        Command::Ingest(args) => {
+            let code = client_runtime()?.block_on(cli::ingest::run(*args))?;
+            std::process::exit(code)
+        }
+        Command::Query(args) => client_runtime()?.block_on(cli::query::run(*args)),
+        Command::Stats(args) => client_runtime()?.block_on(cli::stats::run(args)),
         Command::Demo { addr, index, images } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             Ok(runtime.block_on(imagelsh::demo::run(&addr, &index, images))?)
         }
     }
+}
+
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 fn migrate_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {

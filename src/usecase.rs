@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::index::{
-    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, QueryOptions, QueryResult, VectorItem,
+    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, Lookup, QueryOptions, QueryResult,
+    VectorItem,
 };
 use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
@@ -241,6 +242,19 @@ impl UseCases {
         ids.iter().try_for_each(|id| self.check_id(id))?;
         let index = self.index(index).await?;
         blocking(move || index.delete(&ids)).await
+    }
+
+    /// The stored items with these ids, and the ids the index does not hold.
+    pub async fn get_items(
+        &self,
+        index: String,
+        ids: Vec<String>,
+        with_embeddings: bool,
+    ) -> Result<Lookup, UseCaseError> {
+        self.limits.check_batch(ids.len()).map_err(UseCaseError::TooLarge)?;
+        ids.iter().try_for_each(|id| self.check_id(id))?;
+        let index = self.index(index).await?;
+        blocking(move || index.get_items(&ids, with_embeddings)).await
     }
 
     fn check_id(&self, id: &str) -> Result<(), UseCaseError> {

@@ -476,3 +476,67 @@ async fn replacing_the_same_ids_again_and_again_does_not_grow_the_disk() {
         assert_eq!((hits[0].id.as_str(), hits[0].label.as_str()), (format!("id-{n}").as_str(), "v4"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_items_returns_records_and_embeddings_in_order_and_names_the_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    create(&mut client, "items", DIM as u32, 8, 4).await;
+    let vectors = clustered(20, DIM, 2, 0.1, 3);
+    let mut items: Vec<Item> = vectors.iter().enumerate().map(|(i, v)| vector_item(format!("v{i}"), "l", v)).collect();
+    items[3].metadata.insert("source".into(), "/photos/3.jpg".into());
+    ingest(&mut client, vec![batch("items", 1, items)]).await.unwrap();
+    client.delete(proto::DeleteRequest { index: "items".into(), ids: vec!["v5".into()] }).await.unwrap();
+
+    let ask = |ids: &[&str], with_embeddings: bool| proto::GetItemsRequest {
+        index: "items".into(),
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        with_embeddings,
+    };
+    let got = client.get_items(ask(&["v3", "nope", "v5", "v1", "v3"], true)).await.unwrap().into_inner();
+    let ids: Vec<&str> = got.items.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["v3", "v1"], "found ones in the order asked, a repeated id once");
+    assert_eq!(got.missing, ["nope", "v5"], "unknown and deleted ids");
+    assert_eq!(got.items[0].metadata.get("source").map(String::as_str), Some("/photos/3.jpg"));
+    assert_eq!(got.items[0].label, "l");
+    assert_eq!(got.items[1].embedding.as_ref().map(|e| e.values.clone()), Some(vectors[1].clone()));
+    let bare = client.get_items(ask(&["v1"], false)).await.unwrap().into_inner();
+    assert!(bare.items[0].embedding.is_none(), "embeddings only when asked for");
+
+    // The same answers once the log is applied and after a restart.
+    drop(client);
+    server.terminate();
+    server.wait(Duration::from_secs(30));
+    let server = TestServer::start(dir.path());
+    let mut client = server.client().await;
+    let again = client.get_items(ask(&["v3", "nope", "v5", "v1", "v3"], true)).await.unwrap().into_inner();
+    assert_eq!(again, got);
+
+    let too_many: Vec<String> = (0..5000).map(|i| format!("v{i}")).collect();
+    let refused = client
+        .get_items(proto::GetItemsRequest { index: "items".into(), ids: too_many, with_embeddings: false })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("--max-batch-items"), "{}", refused.message());
+    let unknown = client
+        .get_items(proto::GetItemsRequest { index: "none".into(), ids: vec!["a".into()], with_embeddings: false })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    client
+        .create_index(proto::CreateIndexRequest {
+            name: "bare".into(),
+            dim: DIM as u32,
+            store_embeddings: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let no_vectors = client
+        .get_items(proto::GetItemsRequest { index: "bare".into(), ids: vec!["a".into()], with_embeddings: true })
+        .await
+        .unwrap_err();
+    assert_eq!(no_vectors.code(), Code::InvalidArgument);
+}

@@ -101,6 +101,9 @@ impl ImageIndex for Floor {
     async fn delete(&self, _: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
         Err(Status::unimplemented("floor"))
     }
+    async fn get_items(&self, _: Request<proto::GetItemsRequest>) -> Result<Response<proto::GetItemsResponse>, Status> {
+        Err(Status::unimplemented("floor"))
+    }
     async fn embed(&self, _: Request<Streaming<proto::EmbedRequest>>) -> Result<Response<Embeddings>, Status> {
         Err(Status::unimplemented("floor"))
     }

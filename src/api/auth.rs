@@ -159,7 +159,7 @@ pub fn required_role(path: &str) -> Option<Role> {
     match service {
         "grpc.health.v1.Health" => None,
         "imagelsh.v1.ImageIndex" => Some(match method {
-            "Query" | "Embed" | "GetIndex" | "ListIndexes" => Role::Read,
+            "Query" | "Embed" | "GetIndex" | "ListIndexes" | "GetItems" => Role::Read,
             "Ingest" | "Delete" => Role::Write,
             // CreateIndex, DropIndex, and any method added later until it is classified.
             _ => Role::Admin,

@@ -126,6 +126,12 @@ impl WireBounds for proto::DeleteRequest {
     }
 }
 
+impl WireBounds for proto::GetItemsRequest {
+    fn check_wire(wire: &[u8]) -> Result<(), Status> {
+        check_repeated(wire, 2, "ids")
+    }
+}
+
 // Messages without repeated fields that expand (floats are packed: 4 bytes on the wire, 4
 // in memory), and the responses (the server bounds what it sends).
 impl WireBounds for proto::CreateIndexRequest {}
@@ -140,6 +146,7 @@ impl WireBounds for proto::IngestResponse {}
 impl WireBounds for proto::QueryResponse {}
 impl WireBounds for proto::DeleteResponse {}
 impl WireBounds for proto::EmbedResponse {}
+impl WireBounds for proto::GetItemsResponse {}
 
 /// The codec the generated service and client use (`build.rs`, `codec_path`).
 pub struct BoundedCodec<T, U>(ProstCodec<T, U>);
@@ -221,6 +228,8 @@ mod tests {
         };
         assert!(proto::IngestRequest::check_wire(&encode(&metadata_heavy)).is_err());
         let ids = proto::DeleteRequest { index: "i".into(), ids: vec![String::new(); MAX_WIRE_ENTRIES + 1] };
+        let lookup = proto::GetItemsRequest { ids: vec![String::new(); MAX_WIRE_ENTRIES + 1], ..Default::default() };
+        assert!(proto::GetItemsRequest::check_wire(&encode(&lookup)).is_err());
         assert!(proto::DeleteRequest::check_wire(&encode(&ids)).is_err());
         let images = proto::EmbedRequest { batch_id: 1, images: vec![Vec::new(); MAX_WIRE_ENTRIES + 1] };
         assert!(proto::EmbedRequest::check_wire(&encode(&images)).is_err());

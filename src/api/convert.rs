@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-use crate::index::{Hit, IndexInfo, ItemFailure, QueryOptions, SearchPlan};
+use crate::index::{FoundItem, Hit, IndexInfo, ItemFailure, Lookup, QueryOptions, SearchPlan};
 use crate::proto::{self, item::Content, query_request::Query};
 use crate::usecase::{IncomingItem, ItemContent, NewIndex, QueryInput};
 
@@ -83,6 +83,23 @@ impl From<Hit> for proto::Hit {
             similarity: h.similarity,
             metadata: h.metadata,
         }
+    }
+}
+
+impl From<FoundItem> for proto::StoredItem {
+    fn from(item: FoundItem) -> Self {
+        proto::StoredItem {
+            id: item.id,
+            label: item.label,
+            metadata: item.metadata,
+            embedding: item.embedding.map(|values| proto::Embedding { values }),
+        }
+    }
+}
+
+impl From<Lookup> for proto::GetItemsResponse {
+    fn from(lookup: Lookup) -> Self {
+        proto::GetItemsResponse { items: lookup.found.into_iter().map(Into::into).collect(), missing: lookup.missing }
     }
 }
 

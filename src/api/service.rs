@@ -179,6 +179,15 @@ impl ImageIndex for ImageIndexService {
         Ok(Response::new(proto::DeleteResponse { deleted: deleted as u32 }))
     }
 
+    async fn get_items(
+        &self,
+        request: Request<proto::GetItemsRequest>,
+    ) -> Result<Response<proto::GetItemsResponse>, Status> {
+        let r = request.into_inner();
+        let lookup = self.cases.get_items(r.index, r.ids, r.with_embeddings).await?;
+        Ok(Response::new(lookup.into()))
+    }
+
     type EmbedStream = ReceiverStream<Result<proto::EmbedResponse, Status>>;
 
     async fn embed(

@@ -16,6 +16,7 @@ mod commit;
 mod engine;
 mod hits;
 mod ingest;
+mod lookup;
 mod maintain;
 mod query;
 mod rank;
@@ -31,6 +32,7 @@ use std::thread::JoinHandle;
 
 pub use commit::WriteOptions;
 use commit::{LogShared, PreparedItem, WriteRequest};
+pub use lookup::{FoundItem, Lookup};
 pub use maintain::{CompactReport, IndexCheck, Problem};
 use rank::{Candidate, QuerySketch, Ranked, best_first};
 use state::{QueryState, TailId};

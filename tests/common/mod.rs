@@ -34,8 +34,13 @@ impl TestServer {
 
     /// As `start_with`, with more environment variables for the server.
     pub fn start_with_env(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_on("127.0.0.1:0", data_dir, extra_args, env)
+    }
+
+    /// As `start_with_env`, listening on `listen` (a restart on the port a client uses).
+    pub fn start_on(listen: &str, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .envs(env.iter().copied())

@@ -1,0 +1,34 @@
+//! Clients of a running server, as the command line runs them: connecting (TLS, tokens), and
+//! the bulk-ingest job (sources, retries, resume, progress). They use only the public wire
+//! contract, as any other service would.
+
+mod connect;
+mod ingest;
+mod progress;
+mod retry;
+mod source;
+
+pub use connect::{Client, ConnectOptions, connect};
+pub use ingest::{IngestJob, IngestSummary, Refusal, run_ingest};
+pub use progress::Progress;
+pub use retry::{Backoff, is_retryable, retry_after};
+pub use source::{Payload, PlannedItem, SourceError, plan_sources};
+
+/// What stops a client job.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("TLS files: {0}")]
+    Tls(String),
+    #[error("cannot reach the server at {address}: {source}")]
+    Connect { address: String, source: tonic::transport::Error },
+    #[error("the token is not a valid header value (printable ASCII only)")]
+    Token,
+    #[error("{context}: {status}")]
+    Rpc { context: String, status: tonic::Status },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
