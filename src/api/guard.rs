@@ -147,7 +147,7 @@ where
             _ => match self.layer.calls.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    return refuse(Status::resource_exhausted(format!(
+                    return refuse(super::status::busy(format!(
                         "{} calls are in progress, the limit (--max-calls); retry with backoff",
                         limits.max_calls
                     )));
@@ -163,7 +163,7 @@ where
                 match semaphore.clone().try_acquire_owned() {
                     Ok(permit) => Some(permit),
                     Err(_) => {
-                        return refuse(Status::resource_exhausted(format!(
+                        return refuse(super::status::busy(format!(
                             "{} {what} streams are open, the limit (--max-streams); retry with backoff",
                             limits.max_streams
                         )));

@@ -61,7 +61,7 @@ fn use_case_status(e: UseCaseError) -> Status {
 impl From<BatchError> for Status {
     fn from(e: BatchError) -> Self {
         match e {
-            BatchError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+            BatchError::QueueFull(_) => busy(e.to_string()),
             BatchError::Stopped => Status::unavailable(e.to_string()),
             BatchError::Inference(_) => {
                 tracing::error!(error = %e, "inference failed");
@@ -69,6 +69,18 @@ impl From<BatchError> for Status {
             }
         }
     }
+}
+
+/// The wait a busy server suggests before a retry, seconds (`retry-after`, as in HTTP): the
+/// model's queue and the call limits drain within about a second under load.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// RESOURCE_EXHAUSTED for a bound that frees itself soon (calls, streams, the model's queue),
+/// with a `retry-after` the clients honour.
+pub fn busy(message: String) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    status.metadata_mut().insert("retry-after", tonic::metadata::MetadataValue::from(RETRY_AFTER_SECS));
+    status
 }
 
 /// The longest status message sent, bytes: messages travel in HTTP/2 headers, and one that
@@ -94,6 +106,20 @@ pub fn bounded(status: Status) -> Status {
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn busy_statuses_say_when_to_retry() {
+        let status = busy("queue full".into());
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(crate::client::retry_after(&status), Some(std::time::Duration::from_secs(1)));
+        let refused = Status::from(UseCaseError::TooLarge(crate::limits::OverLimit {
+            what: "items",
+            value: 2,
+            limit: 1,
+            flag: "--max-batch-items",
+        }));
+        assert_eq!(crate::client::retry_after(&refused), None, "a request over a bound fails the same way again");
+    }
 
     #[test]
     fn long_messages_are_cut_at_a_character_boundary() {
