@@ -524,7 +524,7 @@ class Imagelsh:
         self.log = open(log, "a")
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [*wrap, self.binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--data-dir", data_dir,
+            [*wrap, self.binary, "serve", "--listen", f"127.0.0.1:{self.port}", "--http-listen", "off", "--data-dir", data_dir,
              *self.args.imagelsh_args.split()],
             cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})

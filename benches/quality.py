@@ -35,7 +35,7 @@ DIM = 1280
 class Server:
     def __init__(self, data_dir, *args):
         self.proc = subprocess.Popen(
-            [os.path.join(ROOT, "target/release/imagelsh"), "serve", "--listen", "127.0.0.1:0",
+            [os.path.join(ROOT, "target/release/imagelsh"), "serve", "--listen", "127.0.0.1:0", "--http-listen", "off",
              "--data-dir", data_dir, *args],
             cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "RUST_LOG": "warn"}, text=True)
         self.addr = self.proc.stdout.readline().strip().rsplit(" ", 1)[-1]

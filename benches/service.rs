@@ -148,7 +148,7 @@ impl Server {
 
     fn start(dir: &Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
-            .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--http-listen", "off", "--data-dir"])
             .arg(dir)
             // BENCH_SERVER_LOG=info shows where a start spends its time.
             .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))

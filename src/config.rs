@@ -36,6 +36,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGELSH_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
 
+    /// Address of the HTTP port: /metrics (Prometheus), /healthz, /readyz; `off` for none.
+    /// Loopback by default: metrics name the indexes.
+    #[arg(long, env = "IMAGELSH_HTTP_LISTEN", default_value = "127.0.0.1:50052")]
+    pub http_listen: String,
+
     /// Largest gRPC message, bytes.
     #[arg(long, env = "IMAGELSH_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: usize,

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod lsh;
 pub mod pipeline;
 pub mod store;
+pub mod telemetry;
 pub mod usecase;
 
 /// The public wire contract, `imagelsh.v1`.

@@ -21,8 +21,17 @@ mod cli;
 #[derive(Parser)]
 #[command(name = "imagelsh", version, about = "Image embedding and similarity search over a persistent LSH index")]
 struct Cli {
+    /// Logs (on stderr) as text or as one JSON object per line.
+    #[arg(long, global = true, value_enum, env = "IMAGELSH_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -76,13 +85,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sled=warn,ort=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sled=warn,ort=warn"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        // Spans (each call's method) go with every event.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     match cli.command {
         Command::Serve(config) => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*config))
@@ -191,6 +201,9 @@ fn compact_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let metrics = imagelsh::telemetry::install()
+        .map_err(|error| tracing::warn!(%error, "no metrics recorder: /metrics answers 503"))
+        .ok();
     let options = SledOptions {
         cache_capacity: config.cache_mb << 20,
         fsync: config.fsync,
@@ -270,6 +283,30 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         reflection: security.reflection,
         stream_idle: Duration::from_secs(config.limits.stream_idle_secs.max(1)),
     };
+    if config.http_listen != "off" {
+        let http = TcpListener::bind(&config.http_listen)
+            .await
+            .with_context(|| format!("listening on {} (--http-listen)", config.http_listen))?;
+        let http_addr = http.local_addr()?;
+        println!("imagelsh http on {http_addr}");
+        std::io::stdout().flush()?;
+        if !http_addr.ip().is_loopback() && options.tokens.tokens().is_empty() {
+            tracing::warn!(%http_addr, "the HTTP port listens beyond loopback without tokens: anyone may read its metrics");
+        }
+        let state = api::HttpState {
+            engine: engine.clone(),
+            pipeline: pipeline.clone(),
+            tokens: options.tokens.clone(),
+            metrics,
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(error) = api::serve_http(http, state).await {
+                tracing::error!(%error, "the HTTP port stopped");
+            }
+        });
+        tracing::info!(%http_addr, "HTTP port: /metrics, /healthz, /readyz");
+    }
     let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, options, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::select! {

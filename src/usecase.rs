@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use crate::index::{
     Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, Lookup, QueryOptions, QueryResult,
-    VectorItem,
+    RefusalReason, VectorItem,
 };
 use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UseCaseError {
@@ -151,7 +152,7 @@ impl UseCases {
             let IncomingItem { id, label, metadata, content } = item;
             if let Err(over) = self.limits.check_item_fields(&id, &label, &metadata) {
                 let id = crate::limits::prefix(&id).to_string();
-                failures.push(ItemFailure { position, id, message: over.to_string() });
+                failures.push(ItemFailure { position, id, message: over.to_string(), reason: RefusalReason::Limit });
                 continue;
             }
             match content {
@@ -163,6 +164,7 @@ impl UseCases {
                     position,
                     id,
                     message: "item has neither an image nor an embedding".into(),
+                    reason: RefusalReason::NoContent,
                 }),
             }
         }
@@ -176,6 +178,7 @@ impl UseCases {
                         position,
                         id: item.id,
                         message: message.clone(),
+                        reason: RefusalReason::Model,
                     }))
                 }
                 Ok(pipeline) => {
@@ -186,9 +189,12 @@ impl UseCases {
                                 item.vector = vector;
                                 vectors.push((position, item));
                             }
-                            Err(ImageError::Decode(e)) => {
-                                failures.push(ItemFailure { position, id: item.id, message: e.to_string() })
-                            }
+                            Err(ImageError::Decode(e)) => failures.push(ItemFailure {
+                                position,
+                                id: item.id,
+                                message: e.to_string(),
+                                reason: RefusalReason::Image,
+                            }),
                             Err(ImageError::Batch(e)) => return Err(e.into()),
                         }
                     }
@@ -196,10 +202,12 @@ impl UseCases {
             }
         }
         vectors.sort_by_key(|(position, _)| *position);
+        let name = index.def().name.clone();
         let mut outcome = blocking(move || index.ingest(vectors)).await?;
         failures.append(&mut outcome.failures);
         failures.sort_by_key(|f| f.position);
         outcome.failures = failures;
+        record_ingest(&name, &outcome);
         Ok(outcome)
     }
 
@@ -233,7 +241,15 @@ impl UseCases {
         }
         let index = self.index(index).await?;
         let by = self.query_by(&index, input).await?;
-        blocking(move || index.query(by, &options)).await
+        let started = std::time::Instant::now();
+        let result = blocking(move || index.query(by, &options)).await?;
+        let plan = match result.plan {
+            crate::index::SearchPlan::Scan => "scan",
+            _ => "tables",
+        };
+        metrics::histogram!(telemetry::QUERY, "plan" => plan).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(telemetry::QUERY_CANDIDATES).record(f64::from(result.candidates));
+        Ok(result)
     }
 
     /// Deletes items by id; returns how many existed.
@@ -286,6 +302,17 @@ impl UseCases {
                 }
             }
         })
+    }
+}
+
+/// An acknowledged batch in the metrics: items indexed (by index), refused (by reason).
+fn record_ingest(index: &str, outcome: &IngestOutcome) {
+    metrics::counter!(telemetry::INGEST_BATCHES).increment(1);
+    let items = u64::from(outcome.indexed) + outcome.failures.len() as u64;
+    metrics::histogram!(telemetry::INGEST_BATCH_ITEMS).record(items as f64);
+    metrics::counter!(telemetry::ITEMS_INGESTED, "index" => index.to_string()).increment(u64::from(outcome.indexed));
+    for failure in &outcome.failures {
+        metrics::counter!(telemetry::ITEMS_REFUSED, "reason" => failure.reason.as_str()).increment(1);
     }
 }
 

@@ -71,7 +71,7 @@ fn a_newer_layout_is_refused_with_a_clear_message() {
         imagelsh::store::migrate::force_version(&db, imagelsh::store::migrate::CURRENT_VERSION + 1).unwrap();
     }
     let out = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
-        .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--no-model", "--listen", "127.0.0.1:0", "--http-listen", "off", "--data-dir"])
         .arg(dir.path())
         .env("RUST_BACKTRACE", "0")
         .output()

@@ -180,6 +180,12 @@ fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
 /// What a call presenting `headers` to `path` may do under `tokens`.
 pub fn authorize(tokens: &Tokens, path: &str, headers: &http::HeaderMap) -> Result<(), Status> {
     let Some(required) = required_role(path) else { return Ok(()) };
+    authorize_role(tokens, required, headers)
+}
+
+/// Whether `headers` carry a token with at least the `required` role (any call passes when
+/// there are no tokens). The HTTP port's pages and metrics ask this too.
+pub fn authorize_role(tokens: &Tokens, required: Role, headers: &http::HeaderMap) -> Result<(), Status> {
     if tokens.is_empty() {
         return Ok(());
     }

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod codec;
 mod convert;
 pub mod guard;
+mod http_port;
+mod metered;
 mod service;
 mod status;
 
@@ -24,6 +26,7 @@ use crate::proto::image_index_server::ImageIndexServer;
 pub use auth::{Role, TokenSource, Tokens, TokensError};
 pub use convert::query_call;
 pub use guard::GuardLimits;
+pub use http_port::{HttpState, serve_http};
 pub use service::ImageIndexService;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum ApiError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("HTTP port: {0}")]
+    Http(std::io::Error),
     #[error("reading {path}: {source}")]
     TlsFile { path: std::path::PathBuf, source: std::io::Error },
 }
@@ -124,6 +129,7 @@ pub async fn serve(
     let image_index = InterceptedService::new(image_index, RefuseWhenShuttingDown(shutdown.clone()));
 
     let layers = tower::ServiceBuilder::new()
+        .layer(metered::MeteredLayer)
         .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
         .layer(auth::AuthLayer::new(options.tokens.clone()))
         .layer(guard::GuardLayer::new(options.guard.clone()))

@@ -68,6 +68,7 @@ pub(crate) fn compact(shared: &LogShared) -> Result<Option<Compaction>, IndexErr
     let done = shared.catalog.compact()?;
     if let Some(done) = done {
         shared.removed_since_compaction.store(0, Ordering::Relaxed);
+        crate::telemetry::seconds(crate::telemetry::COMPACTION, done.copied + done.paused);
         tracing::info!(
             before_mb = done.before >> 20,
             after_mb = done.after >> 20,
@@ -129,6 +130,7 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     if compaction_due(shared, since) {
         compact(shared)?;
     } else if let Some(pause) = shared.catalog.checkpoint(false)? {
+        crate::telemetry::seconds(crate::telemetry::CHECKPOINT, pause);
         tracing::info!(ms = pause.as_millis() as u64, "store checkpointed: reads and writes waited this long");
     }
     {
@@ -136,6 +138,8 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
         signal.oldest = (shared.pending() > 0).then(Instant::now);
     }
     shared.room.notify_all();
+    crate::telemetry::seconds(crate::telemetry::APPLY, started.elapsed());
+    metrics::histogram!(crate::telemetry::APPLY_ITEMS).record(operations as f64);
     tracing::debug!(operations, reclaimed, ms = started.elapsed().as_millis() as u64, "applied logged batches");
     Ok(())
 }

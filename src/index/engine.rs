@@ -131,6 +131,17 @@ impl Engine {
         defs.iter().map(|def| self.index(&def.name)?.info()).collect()
     }
 
+    /// Each open index's size and log lag, from memory (for the metrics, at every scrape).
+    pub fn sizes(&self) -> Vec<IndexSize> {
+        self.open_indexes()
+            .values()
+            .map(|index| {
+                let state = index.state();
+                IndexSize { name: index.def().name.clone(), items: state.count(), unapplied: state.pending() as u64 }
+            })
+            .collect()
+    }
+
     pub fn drop_index(&self, name: &str) -> Result<(), IndexError> {
         let mut open = self.open_indexes();
         let index = open.get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))?;

@@ -34,7 +34,12 @@ impl Index {
         for (position, item) in items {
             match self.check_item(&item) {
                 Ok(()) => valid.push(item),
-                Err(message) => outcome.failures.push(ItemFailure { position, id: item.id, message }),
+                Err(message) => outcome.failures.push(ItemFailure {
+                    position,
+                    id: item.id,
+                    message,
+                    reason: RefusalReason::Embedding,
+                }),
             }
         }
         if valid.is_empty() {

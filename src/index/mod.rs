@@ -165,6 +165,34 @@ pub struct ItemFailure {
     pub position: u32,
     pub id: String,
     pub message: String,
+    pub reason: RefusalReason,
+}
+
+/// Why an item was refused, in a few kinds (a metric's label: bounded, unlike the message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// A field over a limit (id, label, metadata).
+    Limit,
+    /// Neither an image nor an embedding.
+    NoContent,
+    /// An image where the server runs no model, or a model the index does not hold.
+    Model,
+    /// An image that cannot be decoded, is truncated or too large.
+    Image,
+    /// An embedding of the wrong dimension, not finite, or without direction; an empty id.
+    Embedding,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Limit => "limit",
+            RefusalReason::NoContent => "no_content",
+            RefusalReason::Model => "model",
+            RefusalReason::Image => "image",
+            RefusalReason::Embedding => "embedding",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -221,6 +249,15 @@ pub struct Hit {
     pub score: f32,
     pub similarity: f32,
     pub metadata: HashMap<String, String>,
+}
+
+/// An index's size now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexSize {
+    pub name: String,
+    pub items: u64,
+    /// Item writes and removals acknowledged (logged) but not yet applied to the store.
+    pub unapplied: u64,
 }
 
 #[derive(Debug, Default)]

@@ -46,6 +46,7 @@ pub struct BatcherStats {
 struct Job {
     input: Vec<f32>,
     reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
+    queued: Instant,
 }
 
 #[derive(Clone)]
@@ -66,6 +67,11 @@ impl Batcher {
 
     pub fn stats(&self) -> &BatcherStats {
         &self.stats
+    }
+
+    /// Images waiting in the queue (or holding a place in it) now.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// A place in the queue, waited for at most `queue_timeout`. Taking it before decoding
@@ -90,7 +96,7 @@ pub struct QueueSlot(mpsc::OwnedPermit<Job>);
 impl QueueSlot {
     pub async fn embed(self, input: Vec<f32>) -> Result<Vec<f32>, BatchError> {
         let (reply, answer) = oneshot::channel();
-        self.0.send(Job { input, reply });
+        self.0.send(Job { input, reply, queued: Instant::now() });
         answer.await.map_err(|_| BatchError::Stopped)?
     }
 }
@@ -128,6 +134,10 @@ async fn run(
             }
         }
         tracing::trace!(rows = batch.len(), "batch to the model");
+        let formed = Instant::now();
+        let waited = metrics::histogram!(crate::telemetry::BATCHER_WAIT);
+        batch.iter().for_each(|job| waited.record(formed.duration_since(job.queued).as_secs_f64()));
+        metrics::histogram!(crate::telemetry::INFERENCE_BATCH_IMAGES).record(batch.len() as f64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
@@ -148,6 +158,7 @@ fn run_batch(embedder: &dyn Embedder, batch: Vec<Job>) {
     let flat: Vec<f32> = inputs.concat();
     drop(inputs);
     let result = embedder.embed(&flat, rows);
+    crate::telemetry::seconds(crate::telemetry::INFERENCE, started.elapsed());
     tracing::trace!(rows, elapsed = ?started.elapsed(), "inference");
     match result {
         Ok(embeddings) => {

@@ -95,6 +95,11 @@ impl ImagePipeline {
         self.batcher.stats()
     }
 
+    /// Images waiting for the model now.
+    pub fn queue_depth(&self) -> usize {
+        self.batcher.queue_depth()
+    }
+
     pub fn decoded(&self) -> &DecodedGauge {
         &self.decoded
     }

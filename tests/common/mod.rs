@@ -13,6 +13,8 @@ use tonic::transport::Channel;
 pub struct TestServer {
     child: Option<Child>,
     pub addr: String,
+    /// The HTTP port (metrics, probes).
+    pub http_addr: String,
     pub data_dir: PathBuf,
 }
 
@@ -40,7 +42,7 @@ impl TestServer {
     /// As `start_with_env`, listening on `listen` (a restart on the port a client uses).
     pub fn start_on(listen: &str, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
-            .args(["serve", "--listen", listen, "--data-dir"])
+            .args(["serve", "--listen", listen, "--http-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .envs(env.iter().copied())
@@ -50,15 +52,15 @@ impl TestServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start imagelsh serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("imagelsh listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self { child: Some(child), addr, data_dir: data_dir.to_path_buf() }
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut read = |prefix: &str| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read the listening lines");
+            line.trim().strip_prefix(prefix).unwrap_or_else(|| panic!("{line:?} where {prefix:?} was due")).to_string()
+        };
+        let addr = read("imagelsh listening on ");
+        let http_addr = read("imagelsh http on ");
+        Self { child: Some(child), addr, http_addr, data_dir: data_dir.to_path_buf() }
     }
 
     pub async fn client(&self) -> ImageIndexClient<Channel> {
