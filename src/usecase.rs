@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::index::{
-    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, Lookup, QueryOptions, QueryResult,
-    RefusalReason, VectorItem,
+    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, Lookup, LookupFields, QueryOptions,
+    QueryResult, RefusalReason, VectorItem,
 };
 use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
@@ -72,6 +72,7 @@ pub struct NewIndex {
     pub no_center: bool,
     pub sketch_bits: u32,
     pub store_embeddings: Option<bool>,
+    pub thumbnails: bool,
 }
 
 /// The engine and the model a server runs, and the limits its clients must stay within.
@@ -134,6 +135,7 @@ impl UseCases {
             center,
             sketch_bits: new.sketch_bits,
             store_vectors: new.store_embeddings,
+            thumbnails: new.thumbnails,
         };
         let engine = self.engine.clone();
         blocking(move || engine.create(spec)).await
@@ -156,9 +158,11 @@ impl UseCases {
                 continue;
             }
             match content {
-                ItemContent::Embedding(vector) => vectors.push((position, VectorItem { id, label, metadata, vector })),
+                ItemContent::Embedding(vector) => {
+                    vectors.push((position, VectorItem { id, label, metadata, vector, thumbnail: None }))
+                }
                 ItemContent::Image(bytes) => {
-                    images.push((position, VectorItem { id, label, metadata, vector: Vec::new() }, bytes))
+                    images.push((position, VectorItem { id, label, metadata, ..Default::default() }, bytes))
                 }
                 ItemContent::Missing => failures.push(ItemFailure {
                     position,
@@ -183,10 +187,13 @@ impl UseCases {
                 }
                 Ok(pipeline) => {
                     let (meta, bytes): (Vec<_>, Vec<_>) = images.into_iter().map(|(p, item, b)| ((p, item), b)).unzip();
-                    for ((position, mut item), embedded) in meta.into_iter().zip(pipeline.embed_all(bytes).await) {
+                    let thumbnails = index.def().thumbnails;
+                    let embedded_all = pipeline.embed_all(bytes, thumbnails).await;
+                    for ((position, mut item), embedded) in meta.into_iter().zip(embedded_all) {
                         match embedded {
-                            Ok(vector) => {
-                                item.vector = vector;
+                            Ok(embedded) => {
+                                item.vector = embedded.vector;
+                                item.thumbnail = embedded.thumbnail;
                                 vectors.push((position, item));
                             }
                             Err(ImageError::Decode(e)) => failures.push(ItemFailure {
@@ -216,9 +223,9 @@ impl UseCases {
         let pipeline = self.pipeline()?;
         self.limits.check_batch(images.len()).map_err(UseCaseError::TooLarge)?;
         let mut out = Vec::with_capacity(images.len());
-        for result in pipeline.embed_all(images).await {
+        for result in pipeline.embed_all(images, false).await {
             match result {
-                Ok(values) => out.push(Ok(values)),
+                Ok(embedded) => out.push(Ok(embedded.vector)),
                 Err(ImageError::Decode(e)) => out.push(Err(e.to_string())),
                 Err(ImageError::Batch(e)) => return Err(e.into()),
             }
@@ -265,12 +272,12 @@ impl UseCases {
         &self,
         index: String,
         ids: Vec<String>,
-        with_embeddings: bool,
+        fields: LookupFields,
     ) -> Result<Lookup, UseCaseError> {
         self.limits.check_batch(ids.len()).map_err(UseCaseError::TooLarge)?;
         ids.iter().try_for_each(|id| self.check_id(id))?;
         let index = self.index(index).await?;
-        blocking(move || index.get_items(&ids, with_embeddings)).await
+        blocking(move || index.get_items(&ids, fields)).await
     }
 
     fn check_id(&self, id: &str) -> Result<(), UseCaseError> {

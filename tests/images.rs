@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use imagelsh::embed::ModelCard;
@@ -344,4 +345,74 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_index_with_thumbnails_keeps_a_small_jpeg_of_each_image_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with_model(dir.path(), &[]);
+    let mut client = server.client().await;
+    let info = client
+        .create_index(proto::CreateIndexRequest { name: "thumbs".into(), thumbnails: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.thumbnails);
+    let photos = ["chelsea.png", "astronaut.png", "rocket.jpg"];
+    let mut items: Vec<_> =
+        photos.iter().map(|p| image_item(*p, "photo", read_data(Path::new(SKIMAGE_DATA).join(p)))).collect();
+    let (png, class) = fashion_mnist_pngs(1).remove(0);
+    items.push(image_item("fm0", class.to_string(), png));
+    items.push(vector_item("vector", "v", &[0.5; 1280]));
+    let acks = ingest(&mut client, vec![batch("thumbs", 1, items)]).await.unwrap();
+    assert_eq!(acks[0].indexed, 5, "{:?}", acks[0].errors);
+
+    let ask = proto::GetItemsRequest {
+        index: "thumbs".into(),
+        ids: ["chelsea.png", "astronaut.png", "rocket.jpg", "fm0", "vector"].map(String::from).to_vec(),
+        with_thumbnails: true,
+        ..Default::default()
+    };
+    let check = |got: &proto::GetItemsResponse| {
+        for (item, side) in got.items.iter().zip([(96, 64), (96, 96), (96, 64), (28, 28)]) {
+            assert!(
+                !item.thumbnail.is_empty() && item.thumbnail.len() <= 4096,
+                "{}: {} bytes",
+                item.id,
+                item.thumbnail.len()
+            );
+            let thumb = image::load_from_memory_with_format(&item.thumbnail, image::ImageFormat::Jpeg).unwrap();
+            assert_eq!((thumb.width(), thumb.height()), side, "{}", item.id);
+        }
+        assert!(got.items[4].thumbnail.is_empty(), "an item sent as an embedding has no thumbnail");
+    };
+    let got = client.get_items(ask.clone()).await.unwrap().into_inner();
+    check(&got);
+    // The thumbnail looks like its image: the cat's is mostly warm, the rocket's sky blue.
+    let mean = |jpeg: &[u8]| {
+        let rgb = image::load_from_memory(jpeg).unwrap().into_rgb8();
+        let n = f64::from(rgb.width() * rgb.height());
+        let sum = rgb
+            .pixels()
+            .fold([0f64; 3], |s, p| [s[0] + f64::from(p[0]), s[1] + f64::from(p[1]), s[2] + f64::from(p[2])]);
+        sum.map(|c| c / n)
+    };
+    let (cat, rocket) = (mean(&got.items[0].thumbnail), mean(&got.items[2].thumbnail));
+    assert!(cat[0] > cat[2] && rocket[2] > rocket[0], "cat {cat:?}, rocket {rocket:?}");
+    let bare =
+        client.get_items(proto::GetItemsRequest { with_thumbnails: false, ..ask.clone() }).await.unwrap().into_inner();
+    assert!(bare.items.iter().all(|i| i.thumbnail.is_empty()), "thumbnails only when asked for");
+
+    // Applied, restarted: the same thumbnails; a replaced item gets its new image's.
+    drop(client);
+    server.terminate();
+    server.wait(Duration::from_secs(30));
+    let server = TestServer::start_with_model(dir.path(), &[]);
+    let mut client = server.client().await;
+    assert_eq!(client.get_items(ask.clone()).await.unwrap().into_inner(), got);
+    let coffee = image_item("chelsea.png", "photo", read_data(Path::new(SKIMAGE_DATA).join("coffee.png")));
+    ingest(&mut client, vec![batch("thumbs", 2, vec![coffee])]).await.unwrap();
+    let replaced = client.get_items(ask).await.unwrap().into_inner();
+    assert_ne!(replaced.items[0].thumbnail, got.items[0].thumbnail);
+    assert_eq!(replaced.items[1..], got.items[1..]);
 }

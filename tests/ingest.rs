@@ -147,7 +147,12 @@ async fn an_interrupted_job_rerun_indexes_everything_once_with_exact_summaries()
     let pngs = fashion_mnist_pngs(3);
     let ids: Vec<String> = pngs.iter().enumerate().map(|(i, (_, class))| format!("class{class}/{i:05}.png")).collect();
     let got = client
-        .get_items(proto::GetItemsRequest { index: "photos".into(), ids: ids.clone(), with_embeddings: false })
+        .get_items(proto::GetItemsRequest {
+            index: "photos".into(),
+            ids: ids.clone(),
+            with_embeddings: false,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -192,7 +197,12 @@ async fn a_job_rides_out_a_server_killed_and_restarted_mid_job() {
     let mut client = client_of(&server.addr).await;
     assert_eq!(items_in(&mut client, "idx").await, IMAGES);
     let got = client
-        .get_items(proto::GetItemsRequest { index: "idx".into(), ids: vec!["part/0".into()], with_embeddings: false })
+        .get_items(proto::GetItemsRequest {
+            index: "idx".into(),
+            ids: vec!["part/0".into()],
+            with_embeddings: false,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

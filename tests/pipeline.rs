@@ -46,11 +46,11 @@ async fn a_flood_of_images_is_held_back_before_decoding() {
         .map(|_| {
             let pipeline = pipeline.clone();
             let images = vec![jpeg.clone(); 24];
-            tokio::spawn(async move { pipeline.embed_all(images).await })
+            tokio::spawn(async move { pipeline.embed_all(images, false).await })
         })
         .collect();
     for task in tasks {
-        assert!(task.await.unwrap().iter().all(|r| r.as_ref().is_ok_and(|e| e.len() == 1280)));
+        assert!(task.await.unwrap().iter().all(|r| r.as_ref().is_ok_and(|e| e.vector.len() == 1280)));
     }
     // Queued, and four batches: being collected, handed to the model, in the model, answered
     // but not yet picked up by their callers.

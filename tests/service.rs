@@ -493,6 +493,7 @@ async fn get_items_returns_records_and_embeddings_in_order_and_names_the_missing
         index: "items".into(),
         ids: ids.iter().map(|s| s.to_string()).collect(),
         with_embeddings,
+        with_thumbnails: false,
     };
     let got = client.get_items(ask(&["v3", "nope", "v5", "v1", "v3"], true)).await.unwrap().into_inner();
     let ids: Vec<&str> = got.items.iter().map(|i| i.id.as_str()).collect();
@@ -515,13 +516,23 @@ async fn get_items_returns_records_and_embeddings_in_order_and_names_the_missing
 
     let too_many: Vec<String> = (0..5000).map(|i| format!("v{i}")).collect();
     let refused = client
-        .get_items(proto::GetItemsRequest { index: "items".into(), ids: too_many, with_embeddings: false })
+        .get_items(proto::GetItemsRequest {
+            index: "items".into(),
+            ids: too_many,
+            with_embeddings: false,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(refused.message().contains("--max-batch-items"), "{}", refused.message());
     let unknown = client
-        .get_items(proto::GetItemsRequest { index: "none".into(), ids: vec!["a".into()], with_embeddings: false })
+        .get_items(proto::GetItemsRequest {
+            index: "none".into(),
+            ids: vec!["a".into()],
+            with_embeddings: false,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
@@ -535,7 +546,12 @@ async fn get_items_returns_records_and_embeddings_in_order_and_names_the_missing
         .await
         .unwrap();
     let no_vectors = client
-        .get_items(proto::GetItemsRequest { index: "bare".into(), ids: vec!["a".into()], with_embeddings: true })
+        .get_items(proto::GetItemsRequest {
+            index: "bare".into(),
+            ids: vec!["a".into()],
+            with_embeddings: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(no_vectors.code(), Code::InvalidArgument);

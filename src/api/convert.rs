@@ -18,6 +18,7 @@ impl From<proto::CreateIndexRequest> for NewIndex {
             no_center: r.no_center,
             sketch_bits: r.sketch_bits,
             store_embeddings: r.store_embeddings,
+            thumbnails: r.thumbnails,
         }
     }
 }
@@ -69,6 +70,7 @@ impl From<IndexInfo> for proto::IndexInfo {
             centered: info.centered,
             stores_embeddings: d.stores_vectors,
             sketch_bits: d.sketch_bits,
+            thumbnails: d.thumbnails,
         }
     }
 }
@@ -93,6 +95,7 @@ impl From<FoundItem> for proto::StoredItem {
             label: item.label,
             metadata: item.metadata,
             embedding: item.embedding.map(|values| proto::Embedding { values }),
+            thumbnail: item.thumbnail.unwrap_or_default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::index::Engine;
+use crate::index::{Engine, LookupFields};
 use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto;
@@ -184,7 +184,8 @@ impl ImageIndex for ImageIndexService {
         request: Request<proto::GetItemsRequest>,
     ) -> Result<Response<proto::GetItemsResponse>, Status> {
         let r = request.into_inner();
-        let lookup = self.cases.get_items(r.index, r.ids, r.with_embeddings).await?;
+        let fields = LookupFields { embeddings: r.with_embeddings, thumbnails: r.with_thumbnails };
+        let lookup = self.cases.get_items(r.index, r.ids, fields).await?;
         Ok(Response::new(lookup.into()))
     }
 

@@ -49,6 +49,10 @@ pub struct IngestArgs {
     /// Fail when the index does not exist instead of creating it.
     #[arg(long)]
     pub no_create: bool,
+    /// Create a missing index without thumbnails (by default it keeps one of at most 4 KB per
+    /// image, shown by `query --sheet` and the web page).
+    #[arg(long)]
+    pub no_thumbnails: bool,
     /// Where the refused items go (JSON lines: id, source, reason); written when any are.
     #[arg(long, default_value = "imagelsh-refused.jsonl")]
     pub refused_file: PathBuf,
@@ -84,6 +88,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<i32> {
         backoff: Backoff { retries: args.max_retries, ..Backoff::default() },
         resume: !args.no_resume,
         create_missing: !args.no_create,
+        thumbnails: !args.no_thumbnails,
         max_item_bytes: args.max_item_mb.max(1) << 20,
     };
     let progress = Arc::new(Progress::on_stderr(total, "ingest", Duration::from_secs(5)));

@@ -38,6 +38,8 @@ pub struct IngestJob {
     pub resume: bool,
     /// Create the index with the server's defaults when it does not exist.
     pub create_missing: bool,
+    /// Keep thumbnails in an index this job creates (for `query --sheet` and the web page).
+    pub thumbnails: bool,
     /// Files larger than this are refused without being read.
     pub max_item_bytes: u64,
 }
@@ -54,6 +56,7 @@ impl IngestJob {
             backoff: Backoff::default(),
             resume: true,
             create_missing: true,
+            thumbnails: true,
             max_item_bytes: 32 << 20,
         }
     }
@@ -239,7 +242,8 @@ async fn ensure_index(client: &Client, job: &IngestJob, progress: &Progress) -> 
     match get {
         Ok(_) => Ok(()),
         Err(ClientError::Rpc { status, .. }) if status.code() == Code::NotFound && job.create_missing => {
-            let create = proto::CreateIndexRequest { name: name.clone(), ..Default::default() };
+            let create =
+                proto::CreateIndexRequest { name: name.clone(), thumbnails: job.thumbnails, ..Default::default() };
             match with_retries(&job.backoff, progress, "creating the index", || {
                 let (mut client, create) = (client.clone(), create.clone());
                 async move { client.create_index(create).await }
@@ -279,7 +283,7 @@ async fn plan_batches(
             let request = proto::GetItemsRequest {
                 index: job.index.clone(),
                 ids: chunk.iter().map(|i| i.id.clone()).collect(),
-                with_embeddings: false,
+                ..Default::default()
             };
             let lookup = with_retries(&job.backoff, &progress, "asking which items the index holds", || {
                 let (mut client, request) = (client.clone(), request.clone());

@@ -73,6 +73,7 @@ pub(crate) struct PreparedItem {
     pub codes: Vec<u64>,
     pub sketch: Vec<u64>,
     pub vector: Vec<f32>,
+    pub thumbnail: Option<Vec<u8>>,
 }
 
 pub(crate) enum WriteRequest {
@@ -364,6 +365,7 @@ fn prepare(
                     metadata: item.metadata.clone(),
                     codes: item.codes.clone(),
                     sketch: item.sketch.clone(),
+                    thumbnail: item.thumbnail.clone(),
                 }));
             }
             let vectors: Vec<&[f32]> = items.iter().map(|i| i.vector.as_slice()).collect();
@@ -432,6 +434,7 @@ fn encode(index_uid: u64, batch: &StoreBatch) -> LogBatch {
                 metadata: it.metadata.clone(),
                 codes: it.codes.clone(),
                 sketch: it.sketch.clone(),
+                thumbnail: it.thumbnail.clone().unwrap_or_default(),
             })
             .collect(),
         removals: batch
@@ -458,6 +461,7 @@ fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError> {
                 metadata: it.metadata,
                 codes: it.codes,
                 sketch: it.sketch,
+                thumbnail: (!it.thumbnail.is_empty()).then_some(it.thumbnail),
             })
         })
         .collect();

@@ -95,6 +95,7 @@ impl Engine {
             created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             sketch_bits,
             stores_vectors: spec.store_vectors.unwrap_or(true),
+            thumbnails: spec.thumbnails,
         };
         let mut open = self.open_indexes();
         let params = IndexParams {

@@ -58,6 +58,7 @@ impl Index {
                 codes: codes.row(row).to_vec(),
                 sketch: sketches.as_ref().map_or_else(Vec::new, |s| s.row(row).to_vec()),
                 vector: item.vector,
+                thumbnail: item.thumbnail.filter(|_| self.def().thumbnails),
             })
             .collect();
         let count = prepared.len() as u32;

@@ -11,6 +11,15 @@ pub struct FoundItem {
     pub metadata: HashMap<String, String>,
     /// When asked for (and the index stores embeddings).
     pub embedding: Option<Vec<f32>>,
+    /// A JPEG, when asked for and the item has one.
+    pub thumbnail: Option<Vec<u8>>,
+}
+
+/// What a lookup returns besides labels and metadata.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupFields {
+    pub embeddings: bool,
+    pub thumbnails: bool,
 }
 
 /// The answer to a lookup by ids.
@@ -24,8 +33,8 @@ pub struct Lookup {
 
 impl Index {
     /// The live items with these ids, acknowledged ones whether applied or not.
-    pub fn get_items(&self, ids: &[String], with_embeddings: bool) -> Result<Lookup, IndexError> {
-        if with_embeddings && !self.def().stores_vectors {
+    pub fn get_items(&self, ids: &[String], fields: LookupFields) -> Result<Lookup, IndexError> {
+        if fields.embeddings && !self.def().stores_vectors {
             return Err(IndexError::InvalidArgument(format!(
                 "index {:?} does not store embeddings: ask without with_embeddings",
                 self.def().name
@@ -44,15 +53,23 @@ impl Index {
         let mut records: HashMap<u32, StoredItem> =
             self.items(&numbers)?.into_iter().map(|item| (item.number, item)).collect();
         let mut lookup = Lookup::default();
+        let mut found_numbers = Vec::new();
         for (id, number) in asked {
             // An item replaced between the id's lookup and its record's read holds a newer
             // number: it is reported missing, as if asked a moment earlier.
             match number.and_then(|n| records.remove(&n).filter(|item| &item.id == id).map(|item| (n, item))) {
                 Some((number, item)) => {
-                    let embedding = with_embeddings.then(|| self.store.vector(number)).transpose()?;
-                    lookup.found.push(FoundItem { id: item.id, label: item.label, metadata: item.metadata, embedding });
+                    let embedding = fields.embeddings.then(|| self.store.vector(number)).transpose()?;
+                    let (id, label, metadata) = (item.id, item.label, item.metadata);
+                    lookup.found.push(FoundItem { id, label, metadata, embedding, thumbnail: None });
+                    found_numbers.push(number);
                 }
                 None => lookup.missing.push(id.clone()),
+            }
+        }
+        if fields.thumbnails && self.def().thumbnails {
+            for (found, thumbnail) in lookup.found.iter_mut().zip(self.thumbnails(&found_numbers)?) {
+                found.thumbnail = thumbnail;
             }
         }
         Ok(lookup)

@@ -32,7 +32,7 @@ use std::thread::JoinHandle;
 
 pub use commit::WriteOptions;
 use commit::{LogShared, PreparedItem, WriteRequest};
-pub use lookup::{FoundItem, Lookup};
+pub use lookup::{FoundItem, Lookup, LookupFields};
 pub use maintain::{CompactReport, IndexCheck, Problem};
 use rank::{Candidate, QuerySketch, Ranked, best_first};
 use state::{QueryState, TailId};
@@ -141,6 +141,8 @@ pub struct IndexSpec {
     pub sketch_bits: u32,
     /// Keep every item's embedding (exact re-ranking, queries by id); `None` means yes.
     pub store_vectors: Option<bool>,
+    /// Keep a thumbnail of each image item.
+    pub thumbnails: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +159,8 @@ pub struct VectorItem {
     pub label: String,
     pub metadata: HashMap<String, String>,
     pub vector: Vec<f32>,
+    /// A JPEG made from the image, for an index that keeps thumbnails.
+    pub thumbnail: Option<Vec<u8>>,
 }
 
 /// An item refused while the rest of its batch goes on.
@@ -441,6 +445,28 @@ impl Index {
         }
         // Not in the tail: the store has it (a batch leaves the tail only once applied).
         Ok(self.store.item_number(id)?)
+    }
+
+    /// The thumbnails of the items with these numbers, in order: logged ones from the tail, the
+    /// rest from the store.
+    fn thumbnails(&self, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, IndexError> {
+        let mut out = vec![None; numbers.len()];
+        // (slot in `out`, item number) of the items the tail does not hold.
+        let mut applied: Vec<(usize, u32)> = Vec::new();
+        {
+            let state = self.state();
+            for (slot, &number) in numbers.iter().enumerate() {
+                match state.tail_item(number) {
+                    Some(it) => out[slot] = it.thumbnail.clone(),
+                    None => applied.push((slot, number)),
+                }
+            }
+        }
+        let wanted: Vec<u32> = applied.iter().map(|&(_, number)| number).collect();
+        for ((slot, _), thumbnail) in applied.into_iter().zip(self.store.thumbnails(&wanted)?) {
+            out[slot] = thumbnail;
+        }
+        Ok(out)
     }
 
     /// The items with these numbers: logged ones from the tail, the rest from the store.

@@ -269,6 +269,7 @@ mod tests {
             metadata: HashMap::new(),
             codes: codes.to_vec(),
             sketch: vec![number as u64],
+            thumbnail: None,
         })
     }
 

@@ -66,9 +66,19 @@ impl Preprocessor {
 
     /// The model input of one encoded image.
     pub fn preprocess(&self, bytes: &[u8]) -> Result<Vec<f32>, DecodeError> {
+        Ok(self.preprocess_with_thumbnail(bytes, false)?.0)
+    }
+
+    /// The model input of one encoded image, and its thumbnail when `thumbnail` is asked for.
+    pub fn preprocess_with_thumbnail(
+        &self,
+        bytes: &[u8],
+        thumbnail: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<u8>>), DecodeError> {
         let rgb = decode_rgb(bytes, &self.limits)?;
         let pixels = self.resize_crop(&rgb)?;
-        Ok(self.to_tensor(&pixels))
+        let thumbnail = thumbnail.then(|| super::thumbnail::thumbnail(&rgb)).flatten();
+        Ok((self.to_tensor(&pixels), thumbnail))
     }
 
     /// `width × height` RGB8 pixels: the centre crop of the image scaled so that its shorter side

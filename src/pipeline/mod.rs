@@ -4,6 +4,7 @@
 mod batcher;
 mod complete;
 mod decode;
+mod thumbnail;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +14,14 @@ use tokio::sync::Semaphore;
 
 pub use batcher::{BatchError, Batcher, BatcherConfig, BatcherStats, QueueSlot};
 pub use decode::{DecodeError, DecodeLimits, Preprocessor, decode_rgb};
+pub use thumbnail::{MAX_THUMBNAIL_BYTES, THUMBNAIL_SIDE, thumbnail};
+
+/// An image through the model: its embedding, and its thumbnail when one was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    pub thumbnail: Option<Vec<u8>>,
+}
 
 use crate::embed::{Embedder, ModelCard};
 
@@ -104,11 +113,12 @@ impl ImagePipeline {
         &self.decoded
     }
 
-    /// Decodes and resizes on a blocking thread, at most `decode_workers` at once.
-    pub async fn preprocess(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+    /// Decodes and resizes on a blocking thread, at most `decode_workers` at once (and makes
+    /// the thumbnail there, when asked for).
+    pub async fn preprocess(&self, image: Vec<u8>, thumbnail: bool) -> Result<(Vec<f32>, Option<Vec<u8>>), ImageError> {
         let _slot = self.decode_slots.acquire().await.map_err(|_| BatchError::Stopped)?;
         let preprocessor = self.preprocessor.clone();
-        tokio::task::spawn_blocking(move || preprocessor.preprocess(&image))
+        tokio::task::spawn_blocking(move || preprocessor.preprocess_with_thumbnail(&image, thumbnail))
             .await
             .map_err(|e| DecodeError::Corrupt(format!("decoder failed: {e}")))?
             .map_err(ImageError::from)
@@ -117,16 +127,21 @@ impl ImagePipeline {
     /// The embedding of one image. Its place in the model's queue is taken before decoding,
     /// so that a flood of requests waits as encoded bytes, not as decoded tensors.
     pub async fn embed(&self, image: Vec<u8>) -> Result<Vec<f32>, ImageError> {
+        Ok(self.embed_one(image, false).await?.vector)
+    }
+
+    async fn embed_one(&self, image: Vec<u8>, thumbnail: bool) -> Result<Embedded, ImageError> {
         let slot = self.batcher.reserve().await?;
-        let input = self.preprocess(image).await?;
+        let (input, thumbnail) = self.preprocess(image, thumbnail).await?;
         self.decoded.add();
         let embedded = slot.embed(input).await;
         self.decoded.remove();
-        Ok(embedded?)
+        Ok(Embedded { vector: embedded?, thumbnail })
     }
 
-    /// Embeddings of many images, in order; each image succeeds or fails alone.
-    pub async fn embed_all(&self, images: Vec<Vec<u8>>) -> Vec<Result<Vec<f32>, ImageError>> {
-        join_all(images.into_iter().map(|image| self.embed(image))).await
+    /// Embeddings of many images (with thumbnails when `thumbnails`), in order; each image
+    /// succeeds or fails alone.
+    pub async fn embed_all(&self, images: Vec<Vec<u8>>, thumbnails: bool) -> Vec<Result<Embedded, ImageError>> {
+        join_all(images.into_iter().map(|image| self.embed_one(image, thumbnails))).await
     }
 }

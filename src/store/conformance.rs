@@ -19,6 +19,7 @@ pub(super) fn def(name: &str, dim: u32, tables: u32, sketch_bits: u32) -> IndexD
         created_at: 0,
         sketch_bits,
         stores_vectors: true,
+        thumbnails: false,
     }
 }
 
@@ -41,6 +42,7 @@ fn write(number: u32, id: &str, codes: &[u64], sketch: &[u64]) -> Arc<ItemWrite>
         metadata: HashMap::from([("n".to_string(), number.to_string())]),
         codes: codes.to_vec(),
         sketch: sketch.to_vec(),
+        thumbnail: None,
     })
 }
 
@@ -229,11 +231,46 @@ macro_rules! store_conformance {
                 suite::reclaimed_and_compacted_stores_keep_every_live_item(&$catalog);
             }
             #[test]
+            fn thumbnails_follow_their_items_and_stay_out_of_records() {
+                suite::thumbnails_follow_their_items_and_stay_out_of_records(&$catalog);
+            }
+            #[test]
             fn sketches_of_the_wrong_size_are_refused() {
                 suite::sketches_of_the_wrong_size_are_refused(&$catalog);
             }
         }
     };
+}
+
+pub(super) fn thumbnails_follow_their_items_and_stay_out_of_records(catalog: &dyn Catalog) {
+    let store = create(catalog, &IndexDef { thumbnails: true, ..def("thumbs", 2, 1, 0) });
+    let with = |number: u32, id: &str, jpeg: &[u8]| {
+        Arc::new(ItemWrite { thumbnail: Some(jpeg.to_vec()), ..(*write(number, id, &[1], &[])).clone() })
+    };
+    let first = writes(vec![with(0, "a", b"jpeg-a"), write(1, "b", &[1], &[]), with(2, "c", b"jpeg-c")]);
+    // "c" is replaced by item 3 (a new thumbnail), "a" is deleted.
+    let second = StoreBatch {
+        removals: vec![
+            Removal { number: 2, codes: vec![1], deleted_id: None },
+            Removal { number: 0, codes: vec![1], deleted_id: Some("a".into()) },
+        ],
+        items: vec![with(3, "c", b"jpeg-c2")],
+    };
+    store.apply(&[&first], 1).unwrap();
+    assert_eq!(
+        store.thumbnails(&[0, 1, 2, 9]).unwrap(),
+        [Some(b"jpeg-a".to_vec()), None, Some(b"jpeg-c".to_vec()), None]
+    );
+    store.apply(&[&second], 2).unwrap();
+    assert_eq!(store.thumbnails(&[0, 2, 3]).unwrap(), [None, None, Some(b"jpeg-c2".to_vec())]);
+    // Read back as an item, a thumbnail is not part of the record.
+    assert_eq!(store.items(&[3]).unwrap()[0].label, "label-c");
+    assert!(catalog.open("thumbs").unwrap().unwrap().def().thumbnails);
+
+    // An index without thumbnails keeps none, whatever the writes carry.
+    let plain = create(catalog, &def("plain", 2, 1, 0));
+    plain.apply(&[&writes(vec![with(0, "a", b"jpeg-a")])], 1).unwrap();
+    assert_eq!(plain.thumbnails(&[0]).unwrap(), [None]);
 }
 
 mod backends {

@@ -14,6 +14,7 @@
 //! | `I` item u32                               | `ItemRecord` (protobuf; layout ≤ 3, migrated to `R`) |
 //! | `R` item / `RECORDS_PER_CHUNK` u32         | the chunk's records (`encode_record_chunk`), layout ≥ 4 |
 //! | `K` external id bytes                      | item number, u32 BE                    |
+//! | `T` item u32                               | the item's JPEG thumbnail (indexes that keep them) |
 
 pub const HYPERPLANES: &[u8] = b"P";
 pub const CENTER: &[u8] = b"M";
@@ -31,6 +32,15 @@ const RECORD_CHUNK: u8 = b'R';
 /// none), and consecutive items are written together.
 pub const RECORDS_PER_CHUNK: u32 = 64;
 const ID: u8 = b'K';
+const THUMBNAIL: u8 = b'T';
+
+/// `T ‖ item`: an item's thumbnail, apart from the records queries read.
+pub fn thumbnail(item: u32) -> [u8; 5] {
+    let mut key = [0u8; 5];
+    key[0] = THUMBNAIL;
+    key[1..].copy_from_slice(&item.to_be_bytes());
+    key
+}
 
 /// `B ‖ table`: the prefix shared by all buckets of one table.
 pub fn table_prefix(table: u16) -> [u8; 3] {

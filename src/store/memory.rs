@@ -85,6 +85,7 @@ struct Data {
     /// Item `n`'s embedding at `n × dim`.
     vectors: Vec<f32>,
     sketches: Vec<u64>,
+    thumbnails: HashMap<u32, Vec<u8>>,
 }
 
 impl MemoryIndex {
@@ -182,6 +183,7 @@ impl IndexStore for MemoryIndex {
         let mut records = data.records.clone();
         let mut ids = data.ids.clone();
         let mut sketches = data.sketches.clone();
+        let mut thumbnails = data.thumbnails.clone();
         let words = self.def.sketch_bits as usize / 64;
         for batch in batches {
             for removal in &batch.removals {
@@ -201,6 +203,7 @@ impl IndexStore for MemoryIndex {
                     }
                 }
                 records.remove(&removal.number);
+                thumbnails.remove(&removal.number);
                 if let Some(id) = &removal.deleted_id {
                     ids.remove(id);
                 }
@@ -227,6 +230,9 @@ impl IndexStore for MemoryIndex {
                     codes: item.codes.clone(),
                 };
                 records.insert(item.number, stored);
+                if let Some(thumbnail) = item.thumbnail.clone().filter(|_| self.def.thumbnails) {
+                    thumbnails.insert(item.number, thumbnail);
+                }
                 ids.insert(item.id.clone(), item.number);
                 if words > 0 {
                     let start = item.number as usize * words;
@@ -246,6 +252,7 @@ impl IndexStore for MemoryIndex {
             ids,
             vectors: std::mem::take(&mut data.vectors),
             sketches,
+            thumbnails,
         };
         Ok(())
     }
@@ -260,6 +267,11 @@ impl IndexStore for MemoryIndex {
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError> {
         let data = self.data();
         Ok(numbers.iter().filter_map(|n| data.records.get(n).cloned()).collect())
+    }
+
+    fn thumbnails(&self, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let data = self.data();
+        Ok(numbers.iter().map(|n| data.thumbnails.get(n).cloned()).collect())
     }
 
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError> {

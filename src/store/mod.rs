@@ -85,6 +85,8 @@ pub struct IndexDef {
     pub sketch_bits: u32,
     /// Whether the index keeps every item's embedding (for exact re-ranking and queries by id).
     pub stores_vectors: bool,
+    /// Whether the index keeps a thumbnail of each image item (apart from what queries read).
+    pub thumbnails: bool,
 }
 
 /// What an index is created with besides its definition; matrices are row-major f32.
@@ -108,6 +110,8 @@ pub struct ItemWrite {
     pub codes: Vec<u64>,
     /// `sketch_bits / 64` words, empty when the index keeps no sketches.
     pub sketch: Vec<u64>,
+    /// A JPEG, in indexes that keep thumbnails (`None` for an item ingested as an embedding).
+    pub thumbnail: Option<Vec<u8>>,
 }
 
 /// An item a logged batch takes out of its buckets: replaced (its id now names another item) or
@@ -248,6 +252,9 @@ pub trait IndexStore: Send + Sync {
     fn bucket(&self, table: u16, code: u64, out: &mut Vec<u32>) -> Result<(), StoreError>;
     /// The applied items with these numbers, skipping numbers with no item.
     fn items(&self, numbers: &[u32]) -> Result<Vec<StoredItem>, StoreError>;
+    /// The thumbnails of the applied items with these numbers, in order (`None`: no item, or one
+    /// without a thumbnail). Never read by queries.
+    fn thumbnails(&self, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError>;
     /// The number of the applied item with this id.
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError>;
     /// Calls `f(i, embedding)` with the stored embedding of each of `numbers` in turn (re-ranking:

@@ -397,6 +397,7 @@ fn def_of(r: &IndexRecord) -> IndexDef {
         created_at: r.created_at,
         sketch_bits: r.sketch_bits,
         stores_vectors: !r.vectors_omitted,
+        thumbnails: r.thumbnails,
     }
 }
 
@@ -430,6 +431,7 @@ impl Catalog for SledCatalog {
                 created_at: def.created_at,
                 sketch_bits: def.sketch_bits,
                 vectors_omitted: !def.stores_vectors,
+                thumbnails: def.thumbnails,
             };
             // The tree first, the catalog entry last: a crash in between leaves an orphan tree
             // that the next open removes, never a catalog entry without its data.
@@ -626,6 +628,13 @@ impl IndexStore for SledIndex {
         })
     }
 
+    fn thumbnails(&self, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if !self.def.thumbnails {
+            return Ok(vec![None; numbers.len()]);
+        }
+        self.with_tree(|tree| numbers.iter().map(|&n| Ok(tree.get(keys::thumbnail(n))?.map(|v| v.to_vec()))).collect())
+    }
+
     fn item_number(&self, id: &str) -> Result<Option<u32>, StoreError> {
         match self.with_tree(|tree| Ok(tree.get(keys::id(id))?))? {
             None => Ok(None),
@@ -747,6 +756,9 @@ impl SledIndex {
                     edit(tree, &mut edits, table as u16, code)?.remove(tree, removal.number)?;
                 }
                 records.chunk(tree, removal.number)?.remove(&removal.number);
+                if self.def.thumbnails {
+                    batch.remove(keys::thumbnail(removal.number));
+                }
                 if let Some(id) = &removal.deleted_id {
                     batch.remove(keys::id(id));
                 }
@@ -758,6 +770,9 @@ impl SledIndex {
                 }
                 records.chunk(tree, item.number)?.insert(item.number, item_record_bytes(item));
                 batch.insert(keys::id(&item.id), item.number.to_be_bytes());
+                if let Some(thumbnail) = item.thumbnail.as_deref().filter(|_| self.def.thumbnails) {
+                    batch.insert(keys::thumbnail(item.number), thumbnail);
+                }
                 count += 1;
                 let after = item.number.checked_add(1);
                 next = next.max(after.ok_or_else(|| StoreError::ItemNumbersExhausted(self.def.name.clone()))?);
@@ -1069,6 +1084,7 @@ mod tests {
             metadata: HashMap::new(),
             codes: codes.to_vec(),
             sketch: Vec::new(),
+            thumbnail: None,
         })
     }
 
@@ -1221,7 +1237,7 @@ mod tests {
             id in ".{0,20}", label in ".{0,20}", codes in proptest::collection::vec(proptest::num::u64::ANY, 0..20),
             metadata in proptest::collection::hash_map(".{0,8}", ".{0,8}", 0..5),
         ) {
-            let item = ItemWrite { number: 3, id, label, metadata, codes, sketch: vec![] };
+            let item = ItemWrite { number: 3, id, label, metadata, codes, sketch: vec![], thumbnail: None };
             let message = ItemRecord {
                 id: item.id.clone(),
                 label: item.label.clone(),
