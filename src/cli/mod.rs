@@ -1,5 +1,6 @@
-//! The client commands (`ingest`, `query`, `stats`): flags, the calls, and what they print.
+//! The client commands (`ingest`, `query`, `stats`, `demo`): flags, the calls, and what they print.
 
+pub mod demo;
 pub mod ingest;
 pub mod query;
 pub mod stats;

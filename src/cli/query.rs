@@ -1,10 +1,11 @@
 //! `imagelsh query`: the best matches of an image file or a stored item.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use imagelsh::client::{self, ConnectOptions};
+use imagelsh::client::sheet::{self, SheetRow, Tile};
+use imagelsh::client::{self, Client, ConnectOptions};
 use imagelsh::proto::{self, query_request::Query};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -39,6 +40,15 @@ pub struct QueryArgs {
     /// Print the hits as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also write the query and its matches as a contact sheet (PNG), each match captioned
+    /// with its label, votes and similarity; pictures come from the index's thumbnails, else
+    /// from the files the items were ingested from.
+    #[arg(long, value_name = "OUT.png")]
+    pub sheet: Option<PathBuf>,
+    /// The query image's label on the sheet: matches with the same label are framed green,
+    /// others red (a query by --id takes the item's own label).
+    #[arg(long)]
+    pub label: Option<String>,
 }
 
 pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
@@ -64,6 +74,12 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let response = client.query(request).await.context("query")?.into_inner();
     let ms = started.elapsed().as_secs_f64() * 1e3;
+    if let Some(path) = &args.sheet {
+        write_sheet(&mut client, &args, &response.hits, path).await?;
+        if !args.json {
+            eprintln!("sheet written to {}", path.display());
+        }
+    }
     if args.json {
         let hits: Vec<_> = response
             .hits
@@ -86,4 +102,34 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
         println!("{:>4}  {:>10.4}  {:>5}  {:<20}  {}", rank + 1, hit.similarity, hit.votes, hit.label, hit.id);
     }
     Ok(())
+}
+
+/// The query (the image file, or the stored item's thumbnail) and its matches as a PNG.
+async fn write_sheet(client: &mut Client, args: &QueryArgs, hits: &[proto::Hit], path: &Path) -> anyhow::Result<()> {
+    let query = match (&args.image, &args.id) {
+        (Some(file), _) => Tile {
+            image: client::picture_file(&file.display().to_string()),
+            label: args.label.clone().unwrap_or_default(),
+            lines: vec!["query".into(), file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()],
+        },
+        (None, Some(id)) => {
+            let request = proto::GetItemsRequest {
+                index: args.index.clone(),
+                ids: vec![id.clone()],
+                with_thumbnails: true,
+                ..Default::default()
+            };
+            let item = client.get_items(request).await.context("reading the query item")?.into_inner().items.pop();
+            let image = item.as_ref().and_then(|i| {
+                let thumbnail = image::load_from_memory(&i.thumbnail).ok().map(|t| t.into_rgb8());
+                thumbnail.or_else(|| i.metadata.get("source").and_then(|p| client::picture_file(p)))
+            });
+            let label = args.label.clone().or_else(|| item.map(|i| i.label)).unwrap_or_default();
+            Tile { image, label, lines: vec!["query".into(), id.clone()] }
+        }
+        (None, None) => anyhow::bail!("give an image file or --id"),
+    };
+    let matches = client::match_tiles(client, &args.index, hits).await?;
+    let title = format!("index {:?}: the {} best matches", args.index, hits.len());
+    sheet::write_png(path, &title, &[SheetRow { query, matches }]).with_context(|| path.display().to_string())
 }

@@ -4,12 +4,15 @@
 
 mod connect;
 mod ingest;
+mod pictures;
 mod progress;
 mod retry;
+pub mod sheet;
 mod source;
 
 pub use connect::{Client, ConnectOptions, connect};
 pub use ingest::{IngestJob, IngestSummary, Refusal, run_ingest};
+pub use pictures::{decode_picture, match_tiles, picture_file};
 pub use progress::Progress;
 pub use retry::{Backoff, is_retryable, retry_after};
 pub use source::{Payload, PlannedItem, SourceError, plan_sources};

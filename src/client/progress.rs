@@ -29,6 +29,15 @@ pub struct Progress {
 impl Progress {
     /// A bar when stderr is a terminal, else a plain line every `every`.
     pub fn on_stderr(total: u64, what: &'static str, every: Duration) -> Self {
+        Self::drawn(total, what, every, line)
+    }
+
+    /// As `on_stderr`, for work that is not items to index (queries): count with `done`.
+    pub fn steps_on_stderr(total: u64, what: &'static str, every: Duration) -> Self {
+        Self::drawn(total, what, every, steps_line)
+    }
+
+    fn drawn(total: u64, what: &'static str, every: Duration, line: fn(&Counters, u64, Duration) -> String) -> Self {
         let mut progress = Self::hidden(total);
         if std::io::stderr().is_terminal() {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -72,6 +81,14 @@ impl Progress {
             if refused + skipped > 0 {
                 bar.set_message(format!("{refused} refused, {skipped} already there"));
             }
+        }
+    }
+
+    /// Steps done, of a `steps_on_stderr` display.
+    pub fn done(&self, n: u64) {
+        self.counters.done.fetch_add(n, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
         }
     }
 
@@ -120,6 +137,12 @@ impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+fn steps_line(c: &Counters, total: u64, elapsed: Duration) -> String {
+    let done = c.done.load(Ordering::Relaxed);
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    format!("{done}/{total} ({:.0}%), {rate:.1}/s", 100.0 * done as f64 / total.max(1) as f64)
 }
 
 fn line(c: &Counters, total: u64, elapsed: Duration) -> String {
