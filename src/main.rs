@@ -281,12 +281,13 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         println!("imagelsh http on {http_addr}");
         std::io::stdout().flush()?;
         if !http_addr.ip().is_loopback() && options.tokens.tokens().is_empty() {
-            tracing::warn!(%http_addr, "the HTTP port listens beyond loopback without tokens: anyone may read its metrics");
+            tracing::warn!(%http_addr, "the HTTP port listens beyond loopback without tokens: anyone may read its metrics and query its indexes");
         }
         let state = api::HttpState {
-            engine: engine.clone(),
-            pipeline: pipeline.clone(),
+            cases: imagelsh::usecase::UseCases::new(engine.clone(), pipeline.clone(), options.requests.clone()),
             tokens: options.tokens.clone(),
+            max_body_bytes: options.limits.max_message_bytes,
+            max_calls: options.guard.max_calls,
             metrics,
             shutdown: shutdown.clone(),
         };
@@ -295,7 +296,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 tracing::error!(%error, "the HTTP port stopped");
             }
         });
-        tracing::info!(%http_addr, "HTTP port: /metrics, /healthz, /readyz");
+        tracing::info!(%http_addr, "HTTP port: the web page (/), /metrics, /healthz, /readyz");
     }
     let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, options, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);

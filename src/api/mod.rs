@@ -9,6 +9,7 @@ mod http_port;
 mod metered;
 mod service;
 mod status;
+mod web;
 
 use std::sync::Arc;
 use std::time::Duration;
