@@ -1,5 +1,6 @@
 //! Service configuration: command-line flags, each also settable from an `IMAGELSH_*`
-//! environment variable.
+//! environment variable, and for `serve` from a TOML file (`config_file`: flags > variables >
+//! file > defaults).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +24,15 @@ pub struct StorageConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
+    /// A TOML file of settings (keys: these flags' long names); flags and IMAGELSH_* variables
+    /// override it, and it overrides the defaults.
+    #[arg(long, env = crate::config_file::CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (as TOML, each value's source in a comment) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     #[command(flatten)]
     pub storage: StorageConfig,
 

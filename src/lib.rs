@@ -7,6 +7,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod embed;
 pub mod failpoint;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use imagelsh::api::{self, GuardLimits, Limits, ServeOptions, TlsFiles, TokenSource};
 use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
+use imagelsh::config_file;
 use imagelsh::embed::{ModelCard, OnnxEmbedder, OrtOptions};
 use imagelsh::index::{Engine, EngineOptions};
 use imagelsh::pipeline::ImagePipeline;
@@ -77,8 +78,36 @@ enum Command {
     Demo(Box<cli::demo::DemoArgs>),
 }
 
+/// The command line, with `serve --config FILE`'s values as the defaults of their flags; and
+/// what `--print-config` prints, when asked for.
+fn parse_command_line() -> anyhow::Result<(Cli, Option<String>)> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = Cli::command();
+    let mut file_ids = Vec::new();
+    if let Some(path) = config_file::config_path(&argv, "serve") {
+        let serve = command.find_subcommand("serve").context("the serve subcommand")?;
+        let settings = config_file::read_settings(&path, serve)?;
+        file_ids = settings.iter().map(|s| s.id.clone()).collect();
+        command = command.mut_subcommand("serve", |serve| config_file::with_settings(serve, &settings));
+    }
+    let matches = command.clone().get_matches_from(argv);
+    let cli = Cli::from_arg_matches(&matches)?;
+    let printed = match (&cli.command, matches.subcommand()) {
+        (Command::Serve(config), Some(("serve", serve_matches))) if config.print_config => {
+            let serve = command.find_subcommand("serve").context("the serve subcommand")?;
+            Some(config_file::render_effective(serve, serve_matches, &file_ids))
+        }
+        _ => None,
+    };
+    Ok((cli, printed))
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let (cli, printed_config) = parse_command_line()?;
+    if let Some(text) = printed_config {
+        print!("{text}");
+        return Ok(());
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sled=warn,ort=warn"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
