@@ -72,6 +72,11 @@ enum Command {
     Query(Box<cli::query::QueryArgs>),
     /// A running server's indexes and their sizes.
     Stats(cli::stats::StatsArgs),
+    /// A consistent copy of every index while the server runs and ingests (--server), or of a
+    /// data directory offline (--data-dir).
+    Backup(Box<cli::backup::BackupArgs>),
+    /// A backup back into a new data directory, opened once to check it.
+    Restore(cli::backup::RestoreArgs),
     /// The notebook's story: real labelled images found on this machine, 80 % indexed and 20 %
     /// queried, precision@k by class and contact sheets (PNG); against --server, or a server of
     /// its own.
@@ -129,6 +134,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Query(args) => client_runtime()?.block_on(cli::query::run(*args)),
         Command::Stats(args) => client_runtime()?.block_on(cli::stats::run(args)),
+        Command::Backup(args) => client_runtime()?.block_on(cli::backup::backup(*args)),
+        Command::Restore(args) => cli::backup::restore(&args),
         Command::Demo(args) => client_runtime()?.block_on(cli::demo::run(*args)),
     }
 }
@@ -301,6 +308,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         tokens,
         reflection: security.reflection,
         stream_idle: Duration::from_secs(config.limits.stream_idle_secs.max(1)),
+        backup_staging: config.storage.data_dir.join("backup-staging"),
     };
     if config.http_listen != "off" {
         let http = TcpListener::bind(&config.http_listen)

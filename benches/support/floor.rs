@@ -49,6 +49,11 @@ type Embeddings = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto
 impl ImageIndex for Floor {
     type IngestStream = Acks;
     type EmbedStream = Embeddings;
+    type BackupStream = tokio_stream::Empty<Result<proto::BackupChunk, Status>>;
+
+    async fn backup(&self, _: Request<proto::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        Err(Status::unimplemented("floor"))
+    }
 
     async fn ingest(&self, request: Request<Streaming<proto::IngestRequest>>) -> Result<Response<Acks>, Status> {
         let mut batches = request.into_inner();

@@ -147,6 +147,8 @@ impl WireBounds for proto::QueryResponse {}
 impl WireBounds for proto::DeleteResponse {}
 impl WireBounds for proto::EmbedResponse {}
 impl WireBounds for proto::GetItemsResponse {}
+impl WireBounds for proto::BackupRequest {}
+impl WireBounds for proto::BackupChunk {}
 
 /// The codec the generated service and client use (`build.rs`, `codec_path`).
 pub struct BoundedCodec<T, U>(ProstCodec<T, U>);

@@ -43,6 +43,8 @@ fn kind(path: &str) -> CallKind {
         "/imagelsh.v1.ImageIndex/Embed" => CallKind::Stream(StreamPool::Embed),
         p if p.starts_with("/grpc.health.v1.Health/") => CallKind::Health,
         p if p.starts_with("/grpc.reflection.") => CallKind::OtherStream,
+        // A backup streams for as long as the data directory takes to send.
+        "/imagelsh.v1.ImageIndex/Backup" => CallKind::OtherStream,
         _ => CallKind::Unary,
     }
 }

@@ -34,8 +34,18 @@ pub struct Metered<S> {
 /// The method a path names, as a label: the service's own methods, health and reflection;
 /// anything else is "other" (a label never takes client input).
 fn method_label(path: &str) -> &'static str {
-    const METHODS: [&str; 9] =
-        ["CreateIndex", "GetIndex", "ListIndexes", "DropIndex", "Ingest", "Query", "Delete", "Embed", "GetItems"];
+    const METHODS: [&str; 10] = [
+        "CreateIndex",
+        "GetIndex",
+        "ListIndexes",
+        "DropIndex",
+        "Ingest",
+        "Query",
+        "Delete",
+        "Embed",
+        "GetItems",
+        "Backup",
+    ];
     if let Some(method) = path.strip_prefix("/imagelsh.v1.ImageIndex/") {
         return METHODS.iter().find(|m| **m == method).copied().unwrap_or("other");
     }

@@ -40,6 +40,8 @@ pub enum ApiError {
     Http(std::io::Error),
     #[error("reading {path}: {source}")]
     TlsFile { path: std::path::PathBuf, source: std::io::Error },
+    #[error("clearing {path}: {source}")]
+    BackupStaging { path: std::path::PathBuf, source: std::io::Error },
 }
 
 /// PEM files of the server's TLS identity, and of the CA its clients' certificates must come
@@ -77,6 +79,9 @@ pub struct ServeOptions {
     pub reflection: bool,
     /// An ingest or embed stream that sends nothing for this long is ended.
     pub stream_idle: Duration,
+    /// Where Backup copies the data directory before streaming it (emptied at start: what is
+    /// there is left by a backup a crash interrupted).
+    pub backup_staging: std::path::PathBuf,
 }
 
 /// Bounds on what clients may ask of the server.
@@ -122,8 +127,18 @@ pub async fn serve(
     };
 
     let limits = &options.limits;
-    let service =
-        ImageIndexService::new(engine, pipeline, options.requests.clone(), options.stream_idle, shutdown.clone());
+    if options.backup_staging.exists() {
+        std::fs::remove_dir_all(&options.backup_staging)
+            .map_err(|source| ApiError::BackupStaging { path: options.backup_staging.clone(), source })?;
+    }
+    let service = ImageIndexService::new(
+        engine,
+        pipeline,
+        options.requests.clone(),
+        options.stream_idle,
+        shutdown.clone(),
+        options.backup_staging.clone(),
+    );
     let image_index = ImageIndexServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(limits.max_message_bytes);
@@ -174,6 +189,8 @@ impl Default for ServeOptions {
             tokens: TokenSource::default(),
             reflection: false,
             stream_idle: DEFAULT_STREAM_IDLE,
+            // The default data directory's.
+            backup_staging: std::path::PathBuf::from("./data/backup-staging"),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! storage, hashing, decoding or ingest logic lives here.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,13 @@ pub struct ImageIndexService {
     /// A stream that sends nothing for this long is ended (DEADLINE_EXCEEDED): it would hold
     /// its stream permit for ever.
     stream_idle: Duration,
+    /// Where backups are copied before they are streamed (in the data directory: the same
+    /// file system, so the copy is fast and the pause on writes short).
+    backup_staging: PathBuf,
 }
+
+/// Bytes of one backup chunk: far under any message bound.
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 impl ImageIndexService {
     pub fn new(
@@ -37,8 +44,9 @@ impl ImageIndexService {
         limits: RequestLimits,
         stream_idle: Duration,
         shutdown: CancellationToken,
+        backup_staging: PathBuf,
     ) -> Self {
-        Self { cases: UseCases::new(engine, pipeline, limits), shutdown, stream_idle }
+        Self { cases: UseCases::new(engine, pipeline, limits), shutdown, stream_idle, backup_staging }
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
@@ -189,6 +197,38 @@ impl ImageIndex for ImageIndexService {
         Ok(Response::new(lookup.into()))
     }
 
+    type BackupStream = ReceiverStream<Result<proto::BackupChunk, Status>>;
+
+    async fn backup(&self, _: Request<proto::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let staging = self.backup_staging.join(format!("{}-{}", stamp.as_secs(), stamp.subsec_nanos()));
+        let engine = self.cases.engine().clone();
+        let dir = staging.clone();
+        let report = match blocking(move || engine.backup(&dir)).await {
+            Ok(report) => report,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(error.into());
+            }
+        };
+        tracing::info!(
+            files = report.files,
+            mb = report.bytes >> 20,
+            paused_ms = report.paused.as_millis() as u64,
+            "backup copied; streaming it"
+        );
+        let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
+        tokio::spawn(async move {
+            if let Err(status) = stream_backup(&report, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+            if let Err(error) = tokio::fs::remove_dir_all(&report.dir).await {
+                tracing::warn!(%error, dir = %report.dir.display(), "could not remove a streamed backup");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     type EmbedStream = ReceiverStream<Result<proto::EmbedResponse, Status>>;
 
     async fn embed(
@@ -203,4 +243,55 @@ impl ImageIndex for ImageIndexService {
         });
         Ok(Response::new(stream))
     }
+}
+
+/// Sends every file of the backup in `report.dir` in chunks, then the summary. Stops quietly
+/// when the client has gone.
+async fn stream_backup(
+    report: &crate::index::BackupReport,
+    tx: &mpsc::Sender<Result<proto::BackupChunk, Status>>,
+) -> Result<(), Status> {
+    use tokio::io::AsyncReadExt;
+    let io = |e: std::io::Error| Status::internal(format!("reading the backup: {e}"));
+    let root = report.dir.clone();
+    let files = blocking(move || Ok(crate::index::backup_files(&root)?)).await?;
+    for file in files {
+        let relative = file.strip_prefix(&report.dir).map_err(|e| Status::internal(e.to_string()))?;
+        let path = relative.iter().map(|part| part.to_string_lossy()).collect::<Vec<_>>().join("/");
+        let mut reader = tokio::fs::File::open(&file).await.map_err(io)?;
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; BACKUP_CHUNK_BYTES];
+            let n = read_full(&mut reader, &mut data).await.map_err(io)?;
+            data.truncate(n);
+            // Every file is sent, the empty ones as one empty chunk.
+            if n > 0 || offset == 0 {
+                let chunk = proto::BackupChunk { path: path.clone(), offset, data, done: None };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            offset += n as u64;
+            if n < BACKUP_CHUNK_BYTES {
+                break;
+            }
+        }
+        let _ = reader.read(&mut []).await;
+    }
+    let done = proto::BackupSummary { files: report.files, bytes: report.bytes, items: report.items };
+    let _ = tx.send(Ok(proto::BackupChunk { done: Some(done), ..Default::default() })).await;
+    Ok(())
+}
+
+/// Reads until `buf` is full or the file ends; the bytes read.
+async fn read_full(reader: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }

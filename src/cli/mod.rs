@@ -1,5 +1,6 @@
 //! The client commands (`ingest`, `query`, `stats`, `demo`): flags, the calls, and what they print.
 
+pub mod backup;
 pub mod demo;
 pub mod ingest;
 pub mod query;

@@ -2,6 +2,7 @@
 //! the bulk-ingest job (sources, retries, resume, progress). They use only the public wire
 //! contract, as any other service would.
 
+mod backup;
 mod connect;
 mod ingest;
 mod pictures;
@@ -10,6 +11,7 @@ mod retry;
 pub mod sheet;
 mod source;
 
+pub use backup::{BackupManifest, MANIFEST, backup_server};
 pub use connect::{Client, ConnectOptions, connect};
 pub use ingest::{IngestJob, IngestSummary, Refusal, run_ingest};
 pub use pictures::{decode_picture, match_tiles, picture_file};

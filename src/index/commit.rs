@@ -169,6 +169,11 @@ impl LogShared {
         self.indexes().iter().map(|i| i.state().pending()).sum()
     }
 
+    /// The log's directory.
+    pub(crate) fn log_dir(&self) -> std::path::PathBuf {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.dir().to_path_buf()
+    }
+
     /// Deletes log segments that every open index has applied.
     pub(crate) fn drop_applied_log(&self) -> Result<(), StoreError> {
         let first_needed = self.indexes().iter().filter_map(|i| i.state().first_pending()).min();

@@ -12,6 +12,7 @@
 //! (offline check and compaction).
 
 mod apply;
+mod backup;
 mod commit;
 mod engine;
 mod hits;
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
+pub use backup::{BackupReport, walk as backup_files};
 pub use commit::WriteOptions;
 use commit::{LogShared, PreparedItem, WriteRequest};
 pub use lookup::{FoundItem, Lookup, LookupFields};

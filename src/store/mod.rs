@@ -174,6 +174,13 @@ pub trait Catalog: Send + Sync {
         let _ = force;
         Ok(None)
     }
+    /// Writes a consistent copy of everything applied into the fresh directory `to`, laid out as
+    /// the data directory the backend opens (writes wait, reads go on). The caller makes sure
+    /// that nothing is applied or reclaimed meanwhile.
+    fn backup(&self, to: &std::path::Path) -> Result<(), StoreError> {
+        let _ = to;
+        Err(StoreError::Backend("this storage backend keeps no files to back up".into()))
+    }
     /// Rewrites the backend's own files so that the space of removed data comes back (for sled:
     /// a copy into a fresh database, swapped in). `None` where the backend has nothing to do.
     fn compact(&self) -> Result<Option<Compaction>, StoreError> {

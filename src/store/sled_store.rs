@@ -145,8 +145,35 @@ impl Sled {
         if copy_dir.exists() {
             std::fs::remove_dir_all(&copy_dir)?;
         }
+        self.copy_into(&copy_dir)?;
+        crate::failpoint::crash_point("compaction-copied");
+        let copied = started.elapsed();
+        let swap_started = Instant::now();
+        {
+            let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(db) = open.take() {
+                drop(db);
+            }
+            let old_dir = replaced_dir(&self.dir);
+            std::fs::rename(&self.dir, &old_dir)?;
+            crate::failpoint::crash_point("compaction-swapped");
+            std::fs::rename(&copy_dir, &self.dir)?;
+            if let Some(parent) = self.dir.parent() {
+                sync_dir(parent)?;
+            }
+            *open = Some(OpenDb::open(&self.dir, &self.options)?);
+            self.written.store(0, Ordering::Relaxed);
+        }
+        let paused = swap_started.elapsed();
+        std::fs::remove_dir_all(replaced_dir(&self.dir))?;
+        Ok(Compaction { before, after: dir_bytes(&self.dir)?, copied, paused })
+    }
+
+    /// Copies every tree into a fresh database at `copy_dir`, snapshotted and synced. The
+    /// caller holds `writes` exclusively (the copy must not miss a write).
+    fn copy_into(&self, copy_dir: &Path) -> Result<(), StoreError> {
         self.with(|old| {
-            let copy = open_sled(sled::Config::new().path(&copy_dir).flush_every_ms(None))?;
+            let copy = open_sled(sled::Config::new().path(copy_dir).flush_every_ms(None))?;
             for name in old.db.tree_names() {
                 let (from, to) = match &*name == DEFAULT_TREE {
                     true => ((*old.db).clone(), (*copy).clone()),
@@ -171,30 +198,9 @@ impl Sled {
             copy.flush()?;
             Ok(())
         })?;
-        // Opened once more and closed, the copy writes its snapshot: the swap's open is short.
-        open_sled(sled::Config::new().path(&copy_dir).flush_every_ms(None))?.flush()?;
-        sync_dir(&copy_dir)?;
-        crate::failpoint::crash_point("compaction-copied");
-        let copied = started.elapsed();
-        let swap_started = Instant::now();
-        {
-            let mut open = self.open.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(db) = open.take() {
-                drop(db);
-            }
-            let old_dir = replaced_dir(&self.dir);
-            std::fs::rename(&self.dir, &old_dir)?;
-            crate::failpoint::crash_point("compaction-swapped");
-            std::fs::rename(&copy_dir, &self.dir)?;
-            if let Some(parent) = self.dir.parent() {
-                sync_dir(parent)?;
-            }
-            *open = Some(OpenDb::open(&self.dir, &self.options)?);
-            self.written.store(0, Ordering::Relaxed);
-        }
-        let paused = swap_started.elapsed();
-        std::fs::remove_dir_all(replaced_dir(&self.dir))?;
-        Ok(Compaction { before, after: dir_bytes(&self.dir)?, copied, paused })
+        // Opened once more and closed, the copy writes its snapshot: its first open is short.
+        open_sled(sled::Config::new().path(copy_dir).flush_every_ms(None))?.flush()?;
+        sync_dir(copy_dir)
     }
 }
 
@@ -476,6 +482,25 @@ impl Catalog for SledCatalog {
             return Ok(None);
         }
         self.sled.checkpoint().map(Some)
+    }
+
+    fn backup(&self, to: &Path) -> Result<(), StoreError> {
+        // Writes wait for the whole copy: the record files below are read while no apply or
+        // create changes what the database copy refers to.
+        let _writes = self.sled.writes.write().unwrap_or_else(|e| e.into_inner());
+        self.sled.copy_into(&to.join("sled"))?;
+        let vectors = to.join("vectors");
+        std::fs::create_dir_all(&vectors)?;
+        for entry in std::fs::read_dir(&self.vectors_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                let target = vectors.join(entry.file_name());
+                std::fs::copy(entry.path(), &target)?;
+                File::open(&target)?.sync_all()?;
+            }
+        }
+        sync_dir(&vectors)?;
+        sync_dir(to)
     }
 
     fn compact(&self) -> Result<Option<Compaction>, StoreError> {

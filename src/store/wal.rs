@@ -49,6 +49,11 @@ pub struct LogRecord {
 }
 
 impl Wal {
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens the log in `dir` (creating it), cuts any torn tail, and returns it with every
     /// record it holds, oldest first. Starts a new segment once one passes `segment_bytes`.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, Vec<LogRecord>), StoreError> {
