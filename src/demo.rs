@@ -277,7 +277,7 @@ async fn ingest(
             .map(|s| Item {
                 id: s.id.clone(),
                 label: s.label.clone(),
-                metadata: [("source".to_string(), "imagelsh demo".to_string())].into(),
+                metadata: [(crate::client::SOURCE_KEY.to_string(), "imagelsh demo".to_string())].into(),
                 content: Some(Content::Image(s.image.clone())),
             })
             .collect();

@@ -251,7 +251,6 @@ async fn stream_backup(
     report: &crate::index::BackupReport,
     tx: &mpsc::Sender<Result<proto::BackupChunk, Status>>,
 ) -> Result<(), Status> {
-    use tokio::io::AsyncReadExt;
     let io = |e: std::io::Error| Status::internal(format!("reading the backup: {e}"));
     let root = report.dir.clone();
     let files = blocking(move || Ok(crate::index::backup_files(&root)?)).await?;
@@ -276,7 +275,6 @@ async fn stream_backup(
                 break;
             }
         }
-        let _ = reader.read(&mut []).await;
     }
     let done = proto::BackupSummary { files: report.files, bytes: report.bytes, items: report.items };
     let _ = tx.send(Ok(proto::BackupChunk { done: Some(done), ..Default::default() })).await;

@@ -138,7 +138,7 @@ pub async fn query(
             thumbnail: thumbnails.remove(&hit.id).map(|jpeg| {
                 format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg))
             }),
-            source: hit.metadata.get("source").cloned(),
+            source: hit.metadata.get(crate::client::SOURCE_KEY).cloned(),
             id: hit.id,
             label: hit.label,
             votes: hit.votes,

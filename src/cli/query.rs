@@ -122,7 +122,7 @@ async fn write_sheet(client: &mut Client, args: &QueryArgs, hits: &[proto::Hit],
             let item = client.get_items(request).await.context("reading the query item")?.into_inner().items.pop();
             let image = item.as_ref().and_then(|i| {
                 let thumbnail = image::load_from_memory(&i.thumbnail).ok().map(|t| t.into_rgb8());
-                thumbnail.or_else(|| i.metadata.get("source").and_then(|p| client::picture_file(p)))
+                thumbnail.or_else(|| i.metadata.get(client::SOURCE_KEY).and_then(|p| client::picture_file(p)))
             });
             let label = args.label.clone().or_else(|| item.map(|i| i.label)).unwrap_or_default();
             Tile { image, label, lines: vec!["query".into(), id.clone()] }

@@ -17,7 +17,7 @@ pub use ingest::{IngestJob, IngestSummary, Refusal, run_ingest};
 pub use pictures::{decode_picture, match_tiles, picture_file};
 pub use progress::Progress;
 pub use retry::{Backoff, is_retryable, retry_after};
-pub use source::{Payload, PlannedItem, SourceError, plan_sources};
+pub use source::{Payload, PlannedItem, SOURCE_KEY, SourceError, plan_sources};
 
 /// What stops a client job.
 #[derive(Debug, thiserror::Error)]
