@@ -69,7 +69,7 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Files and bytes under `dir`.
-pub fn tree_size(dir: &Path) -> Result<(u32, u64), StoreError> {
+fn tree_size(dir: &Path) -> Result<(u32, u64), StoreError> {
     let (mut files, mut bytes) = (0, 0);
     for entry in walk(dir)? {
         files += 1;
