@@ -13,19 +13,6 @@ use common::*;
 use imagelsh::proto::{self, image_index_client::ImageIndexClient};
 use tonic::transport::Channel;
 
-/// `n` Fashion-MNIST images as PNG files under `class<c>/` folders, and one file that is not an
-/// image; returns the folder.
-fn class_folders(dir: &Path, n: usize) -> PathBuf {
-    let root = dir.join("photos");
-    for (i, (png, class)) in fashion_mnist_pngs(n).into_iter().enumerate() {
-        let folder = root.join(format!("class{class}"));
-        std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join(format!("{i:05}.png")), png).unwrap();
-    }
-    std::fs::write(root.join("class0").join("broken.jpg"), b"not a jpeg at all").unwrap();
-    root
-}
-
 /// The first `n` Fashion-MNIST test images as an IDX image/label pair; returns the image file.
 fn idx_pair(dir: &Path, n: usize) -> PathBuf {
     let gunzip = |name: &str| {

@@ -241,3 +241,16 @@ pub fn fashion_mnist_pngs(n: usize) -> Vec<(Vec<u8>, u8)> {
 pub fn image_item(id: impl Into<String>, label: impl Into<String>, bytes: Vec<u8>) -> Item {
     Item { id: id.into(), label: label.into(), metadata: Default::default(), content: Some(Content::Image(bytes)) }
 }
+
+/// `n` Fashion-MNIST images as PNG files under `class<c>/` folders, and one file that is not an
+/// image; returns the folder.
+pub fn class_folders(dir: &Path, n: usize) -> PathBuf {
+    let root = dir.join("photos");
+    for (i, (png, class)) in fashion_mnist_pngs(n).into_iter().enumerate() {
+        let folder = root.join(format!("class{class}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(format!("{i:05}.png")), png).unwrap();
+    }
+    std::fs::write(root.join("class0").join("broken.jpg"), b"not a jpeg at all").unwrap();
+    root
+}
