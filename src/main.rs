@@ -117,8 +117,9 @@ fn main() -> anyhow::Result<()> {
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
-        // Spans (each call's method) go with every event.
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        // Every event carries its spans, outermost first: the call (its method), then the
+        // batch (its id and size) or the model's inference batch.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
     }
     match cli.command {
         Command::Serve(config) => {

@@ -1,5 +1,5 @@
 //! The HTTP port of a real server: probes, and Prometheus metrics scraped and parsed after real
-//! ingests and queries, the counters matching what was sent.
+//! ingests and queries, the counters matching what was sent; and the JSON log's spans.
 
 mod common;
 
@@ -120,4 +120,61 @@ async fn metrics_take_the_grpc_tokens_and_probes_stay_open() {
     let m = samples(&text);
     assert_eq!(sample(&m, r#"imagelsh_calls_total{method="ListIndexes",code="UNAUTHENTICATED"}"#), 1.0);
     assert_eq!(get(&server.http_addr, "/nothing-here", Some("read-token-0123456789")).0, 404);
+}
+
+/// `--log-format json`: each event in its spans, a stream's batch (id and size) under its call
+/// (the method), the model's batches in an `inference` span.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_carry_each_batch_inside_its_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let server = TestServer::start_logging_to(
+        &log,
+        &dir.path().join("data"),
+        &["--log-format", "json"],
+        &[("RUST_LOG", "warn,imagelsh::api=debug,imagelsh::pipeline=trace")],
+    );
+    let mut client = server.client().await;
+    client.create_index(proto::CreateIndexRequest { name: "t".into(), ..Default::default() }).await.unwrap();
+    let pngs = fashion_mnist_pngs(12);
+    let batches = pngs
+        .chunks(6)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let items = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, (png, _))| image_item(format!("{b}-{i}"), "x", png.clone()))
+                .collect();
+            batch("t", 100 + b as u64, items)
+        })
+        .collect();
+    ingest(&mut client, batches).await.unwrap();
+    server.terminate();
+    assert!(server.wait(Duration::from_secs(30)).success());
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let acknowledged: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["fields"]["message"] == "batch acknowledged").collect();
+    assert_eq!(acknowledged.len(), 2, "one event per batch");
+    for (event, batch_id) in acknowledged.iter().zip([100, 101]) {
+        assert_eq!(event["span"]["name"], "batch", "{event}");
+        assert_eq!((event["span"]["batch_id"].as_u64(), event["span"]["items"].as_u64()), (Some(batch_id), Some(6)));
+        assert_eq!(event["fields"]["indexed"], 6, "{event}");
+        let spans = event["spans"].as_array().expect("the span list");
+        assert_eq!(spans.len(), 2, "{event}");
+        assert_eq!((&spans[0]["name"], &spans[0]["method"]), (&"call".into(), &"Ingest".into()), "{event}");
+    }
+    let inference: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"]["name"] == "inference").collect();
+    assert!(!inference.is_empty(), "the model's batches are traced");
+    let rows: u64 = inference
+        .iter()
+        .filter(|l| l["fields"]["message"] == "inference")
+        .map(|l| l["span"]["rows"].as_u64().expect("rows"))
+        .sum();
+    assert_eq!(rows, 12, "every image through the model once");
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::index::{Engine, LookupFields};
 use crate::limits::RequestLimits;
@@ -50,17 +51,28 @@ impl ImageIndexService {
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
-        self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
-        let items = request.items.into_iter().map(IncomingItem::from).collect();
-        let outcome = self.cases.ingest(&request.index, items).await?;
-        Ok(proto::IngestResponse {
-            batch_id: request.batch_id,
-            indexed: outcome.indexed,
-            errors: outcome.failures.into_iter().map(Into::into).collect(),
-        })
+        let span = tracing::info_span!("batch", batch_id = request.batch_id, items = request.items.len());
+        async move {
+            self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
+            let items = request.items.into_iter().map(IncomingItem::from).collect();
+            let outcome = self.cases.ingest(&request.index, items).await?;
+            tracing::debug!(indexed = outcome.indexed, refused = outcome.failures.len(), "batch acknowledged");
+            Ok(proto::IngestResponse {
+                batch_id: request.batch_id,
+                indexed: outcome.indexed,
+                errors: outcome.failures.into_iter().map(Into::into).collect(),
+            })
+        }
+        .instrument(span)
+        .await
     }
 
     async fn embed_batch(&self, request: proto::EmbedRequest) -> Result<proto::EmbedResponse, Status> {
+        let span = tracing::info_span!("batch", batch_id = request.batch_id, items = request.images.len());
+        self.embed_batch_in_span(request).instrument(span).await
+    }
+
+    async fn embed_batch_in_span(&self, request: proto::EmbedRequest) -> Result<proto::EmbedResponse, Status> {
         self.cases.limits().check_batch(request.images.len()).map_err(UseCaseError::TooLarge)?;
         let mut embeddings = Vec::with_capacity(request.images.len());
         let mut errors = Vec::new();
@@ -93,29 +105,35 @@ where
     Fut: Future<Output = Result<Resp, Status>> + Send,
 {
     let (tx, rx) = mpsc::channel(STREAM_RESPONSE_BUFFER);
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => Err(Status::unavailable("the server is shutting down")),
-                next = tokio::time::timeout(idle, inbound.message()) => next.unwrap_or_else(|_| {
-                    Err(Status::deadline_exceeded(format!(
-                        "no message for {} s (--stream-idle-secs): the stream is ended",
-                        idle.as_secs()
-                    )))
-                }),
-            };
-            let response = match next {
-                Ok(Some(request)) => handle(request).await,
-                Ok(None) => break,
-                Err(status) => Err(super::map_decode_status(status)),
-            };
-            let failed = response.is_err();
-            if tx.send(response).await.is_err() || failed {
-                break;
+    // The stream's work runs in the call's span (a spawned task would leave it), each message in
+    // a span of its own below it.
+    let call_span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => Err(Status::unavailable("the server is shutting down")),
+                    next = tokio::time::timeout(idle, inbound.message()) => next.unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "no message for {} s (--stream-idle-secs): the stream is ended",
+                            idle.as_secs()
+                        )))
+                    }),
+                };
+                let response = match next {
+                    Ok(Some(request)) => handle(request).await,
+                    Ok(None) => break,
+                    Err(status) => Err(super::map_decode_status(status)),
+                };
+                let failed = response.is_err();
+                if tx.send(response).await.is_err() || failed {
+                    break;
+                }
             }
         }
-    });
+        .instrument(call_span),
+    );
     ReceiverStream::new(rx)
 }
 

@@ -153,6 +153,8 @@ async fn run(
 
 fn run_batch(embedder: &dyn Embedder, batch: Vec<Job>) {
     let rows = batch.len();
+    // Batches gather images from many calls, so this span stands alone (not under a call's).
+    let _span = tracing::info_span!("inference", rows).entered();
     let (inputs, replies): (Vec<Vec<f32>>, Vec<_>) = batch.into_iter().map(|j| (j.input, j.reply)).unzip();
     let started = std::time::Instant::now();
     let flat: Vec<f32> = inputs.concat();

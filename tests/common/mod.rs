@@ -41,15 +41,25 @@ impl TestServer {
 
     /// As `start_with_env`, listening on `listen` (a restart on the port a client uses).
     pub fn start_on(listen: &str, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(listen, data_dir, extra_args, env, Stdio::inherit())
+    }
+
+    /// As `start_with_env`, the server's log (stderr) written to `log`.
+    pub fn start_logging_to(log: &Path, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn("127.0.0.1:0", data_dir, extra_args, env, Stdio::from(file))
+    }
+
+    fn spawn(listen: &str, data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
             .args(["serve", "--listen", listen, "--http-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
-            .envs(env.iter().copied())
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start imagelsh serve");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
