@@ -1,7 +1,7 @@
 //! The Python client (clients/python, installed into .venv by scripts/setup-python-client)
 //! against a real server with the model: its unit tests, its checks of every call, a folder it
-//! ingested resumed by the Rust client (the same ids), and a job of its own riding out a server
-//! killed and restarted mid-job.
+//! ingested resumed by the Rust client (the same ids), a job of its own riding out a server
+//! killed and restarted mid-job, and one interrupted with SIGINT and rerun.
 
 mod common;
 
@@ -119,6 +119,55 @@ async fn a_python_job_rides_out_a_server_killed_and_restarted_mid_job() {
     assert_eq!((summary["refused"].as_u64(), summary["remaining"].as_u64()), (Some(1), Some(0)), "{summary}");
     let mut client = ImageIndexClient::new(server.channel().await);
     assert_eq!(items_in(&mut client, "restarted").await, IMAGES);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_job_interrupted_with_sigint_and_rerun_indexes_everything_once() {
+    const IMAGES: u64 = 240;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with_model(&dir.path().join("data"), &[]);
+    let url = format!("http://{}", server.addr);
+    let folder = class_folders(dir.path(), IMAGES as usize);
+    let start_job = || {
+        Command::new(python())
+            .arg(script("ingest_job.py"))
+            .args([&url, "interrupted"])
+            .arg(&folder)
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the Python job")
+    };
+    let finish = |job: std::process::Child| {
+        let output = job.wait_with_output().expect("the job ends");
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("no summary ({e}): {}", String::from_utf8_lossy(&output.stdout)));
+        (output.status.code(), summary)
+    };
+    let mut client = server.client().await;
+
+    let job = start_job();
+    let started = Instant::now();
+    while items_in(&mut client, "interrupted").await < IMAGES / 4 {
+        assert!(started.elapsed() < Duration::from_secs(180), "the job indexed too little in 3 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap().success());
+    let (code, first) = finish(job);
+    assert_eq!((code, &first["interrupted"]), (Some(130), &true.into()), "{first}");
+    let indexed = first["indexed"].as_u64().unwrap();
+    assert_eq!(indexed, items_in(&mut client, "interrupted").await, "the batches in flight were acknowledged: {first}");
+    assert!(indexed < IMAGES, "interrupted half-way: {first}");
+    let accounted = indexed + first["refused"].as_u64().unwrap() + first["remaining"].as_u64().unwrap();
+    assert_eq!(accounted, IMAGES + 1, "{first}");
+
+    let (code, second) = finish(start_job());
+    assert_eq!((code, &second["interrupted"]), (Some(0), &false.into()), "{second}");
+    assert_eq!(second["skipped"], indexed, "what the first run acknowledged is not sent again: {second}");
+    assert_eq!(second["indexed"], IMAGES - indexed, "{second}");
+    assert_eq!((second["refused"].as_u64(), second["remaining"].as_u64()), (Some(1), Some(0)), "{second}");
+    assert_eq!(items_in(&mut client, "interrupted").await, IMAGES, "every image indexed once");
 }
 
 /// Items in `index`, 0 while it does not exist (the job creates it) or the server is away.

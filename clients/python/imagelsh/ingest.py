@@ -33,11 +33,15 @@ class IngestOptions:
     max_item_bytes: int = 32 << 20
     backoff: Backoff = Backoff()
     progress: bool = True
+    # After Ctrl-C, how long the batches in flight may take to be acknowledged.
+    drain_seconds: float = 60.0
 
     def check(self):
         for name in ("batch_size", "max_batch_bytes", "parallel", "max_in_flight", "readers", "max_item_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not self.drain_seconds >= 0:
+            raise ValueError("drain_seconds must be at least 0")
 
 
 class IngestJob:
@@ -48,6 +52,8 @@ class IngestJob:
         self._items, self._options, self.summary = items, options, summary
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # Set by Ctrl-C: no new batches are read or sent; those in flight finish.
+        self._draining = threading.Event()
         self._calls = set()
         self._counters = StreamCounters()
         self._queue = queue.Queue(maxsize=options.parallel * options.max_in_flight)
@@ -56,8 +62,11 @@ class IngestJob:
         self._errors = []
 
     def run(self):
-        """Runs to the end; on Ctrl-C (or another error) stops the streams, counts what was not
-        acknowledged as remaining, and re-raises."""
+        """Runs to the end. On Ctrl-C it stops taking new batches and waits for those in flight
+        to be acknowledged (a second Ctrl-C, or `drain_seconds`, cancels them), so the summary
+        is exact: what it counts as indexed is what the server holds. On any other error it
+        stops the streams at once. Either way what was not acknowledged is counted as
+        remaining, the summary is attached to the exception, and it is re-raised."""
         started = time.monotonic()
         threads = [threading.Thread(target=self._guard, args=(self._produce,), daemon=True)]
         threads += [threading.Thread(target=self._guard, args=(self._stream,), daemon=True)
@@ -65,15 +74,16 @@ class IngestJob:
         try:
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(_JOIN_POLL_SECONDS)
-        except BaseException as interrupted:
+            _join(threads)
+        except KeyboardInterrupt as interrupted:
+            self._drain(threads)
+            interrupted.summary = self.summary
+            raise
+        except BaseException as failed:
             self._halt()
             for thread in threads:
                 thread.join()
-            # The caller of an interrupted job still learns what it did (remaining: below).
-            interrupted.summary = self.summary
+            failed.summary = self.summary
             raise
         finally:
             self._progress.close()
@@ -95,6 +105,19 @@ class IngestJob:
                 self._errors.append(error if isinstance(error, Exception) else ImagelshError(repr(error)))
             self._halt()
 
+    def _drain(self, threads):
+        """Lets the streams finish the batches in flight, then stops everything."""
+        self._draining.set()
+        self._feed.close()
+        self._progress.note("interrupted: waiting for the batches in flight (Ctrl-C again to cancel them)")
+        try:
+            _join(threads, time.monotonic() + self._options.drain_seconds)
+        except KeyboardInterrupt:
+            pass
+        self._halt()
+        for thread in threads:
+            thread.join()
+
     def _halt(self):
         self._stop.set()
         with self._lock:
@@ -114,7 +137,7 @@ class IngestJob:
         with ThreadPoolExecutor(options.readers) as pool:
             reading = []
             for batch_id, group in enumerate(self._groups()):
-                if self._stop.is_set():
+                if self._stop.is_set() or self._draining.is_set():
                     return
                 reading.append(pool.submit(self._read, batch_id, group))
                 if len(reading) >= 2 * options.readers:
@@ -167,7 +190,7 @@ class IngestJob:
     def _put(self, batch):
         if batch is None:
             return
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._draining.is_set()):
             try:
                 self._queue.put(batch, timeout=_JOIN_POLL_SECONDS)
                 return
@@ -192,3 +215,13 @@ class IngestJob:
 
 
 _JOIN_POLL_SECONDS = 0.2
+
+
+def _join(threads, deadline=None):
+    """Waits for the threads in short steps (so that Ctrl-C reaches the caller at once), at
+    most until `deadline` (time.monotonic())."""
+    for thread in threads:
+        while thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            thread.join(_JOIN_POLL_SECONDS)

@@ -48,6 +48,16 @@ class Progress:
         return (f"imagelsh: {self.done}/{self.total} items, {rate:.1f}/s, "
                 f"refused {self.refused}, ETA {eta_text}")
 
+    def note(self, message: str):
+        """A line for the person watching (above the bar on a terminal)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._bar is not None:
+                self._bar.write(f"imagelsh: {message}", file=sys.stderr)
+            else:
+                print(f"imagelsh: {message}", file=sys.stderr, flush=True)
+
     def close(self):
         if self._bar is not None:
             self._bar.close()

@@ -42,11 +42,20 @@ class BatchFeed:
         self._returned = collections.deque()
         self._lock = threading.Lock()
         self._exhausted = False
+        self._closed = False
+
+    def close(self):
+        """No more batches are given out (a job draining after Ctrl-C): streams finish what
+        they have in flight and end."""
+        with self._lock:
+            self._closed = True
 
     def take(self, should_stop: Callable[[], bool]) -> Optional[Batch]:
         """The next batch, or None when there are no more (or `should_stop` says so)."""
         while True:
             with self._lock:
+                if self._closed:
+                    return None
                 if self._returned:
                     return self._returned.popleft()
                 if self._exhausted:
@@ -61,6 +70,11 @@ class BatchFeed:
                 with self._lock:
                     self._exhausted = True
                 continue
+            with self._lock:
+                if self._closed:
+                    # Taken from the source after the close: never sent, so never counted.
+                    self._returned.appendleft(batch)
+                    return None
             return batch
 
     def hand_back(self, batches: List[Batch]):

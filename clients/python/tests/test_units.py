@@ -90,6 +90,18 @@ class BatchFeedTest(unittest.TestCase):
     def test_a_stopped_taker_does_not_wait_for_the_source(self):
         self.assertIsNone(BatchFeed(queue.Queue()).take(lambda: True))
 
+    def test_a_closed_feed_gives_nothing_more_and_keeps_what_it_had_as_pending(self):
+        source = queue.Queue()
+        for n in range(2):
+            source.put(Batch(n, None, None))
+        feed = BatchFeed(source)
+        never = lambda: False  # noqa: E731
+        taken = feed.take(never)
+        feed.hand_back([taken])
+        feed.close()
+        self.assertIsNone(feed.take(never), "a draining job sends nothing new")
+        self.assertEqual([batch.batch_id for batch in feed.pending()], [0])
+
 
 class ArgumentsTest(unittest.TestCase):
     def test_a_query_names_exactly_one_thing_and_urls_are_checked(self):
