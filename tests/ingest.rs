@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use imagelsh::proto::{self, image_index_client::ImageIndexClient};
-use tonic::transport::Channel;
+use imagelsh::proto;
 
 /// The first `n` Fashion-MNIST test images as an IDX image/label pair; returns the image file.
 fn idx_pair(dir: &Path, n: usize) -> PathBuf {
@@ -68,23 +67,6 @@ fn finish(mut job: Child, limit: Duration) -> (i32, serde_json::Value) {
     (status.code().unwrap_or(-1), summary)
 }
 
-async fn client_of(addr: &str) -> ImageIndexClient<Channel> {
-    ImageIndexClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
-}
-
-/// Items in `index`, 0 while it does not exist (the job creates it) or the server is away.
-async fn items_in(client: &mut ImageIndexClient<Channel>, index: &str) -> u64 {
-    client.get_index(proto::GetIndexRequest { name: index.into() }).await.map_or(0, |r| r.into_inner().items)
-}
-
-async fn wait_for_items(client: &mut ImageIndexClient<Channel>, index: &str, at_least: u64) {
-    let started = Instant::now();
-    while items_in(client, index).await < at_least {
-        assert!(started.elapsed() < Duration::from_secs(180), "the job indexed too little in 3 minutes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn number(summary: &serde_json::Value, key: &str) -> u64 {
     summary[key].as_u64().unwrap_or_else(|| panic!("{key} in {summary}"))
 }
@@ -96,7 +78,7 @@ async fn an_interrupted_job_rerun_indexes_everything_once_with_exact_summaries()
     let server = TestServer::start_with_model(&dir.path().join("data"), &[]);
     let folder = class_folders(dir.path(), IMAGES as usize);
     let refused = dir.path().join("refused.jsonl");
-    let mut client = client_of(&server.addr).await;
+    let mut client = lazy_client(&server.addr);
     let small = ["--streams", "2", "--batch-items", "8", "--in-flight", "2"];
 
     let job = start_ingest(&server.addr, "photos", &refused, &small, &[&folder]);
@@ -161,14 +143,11 @@ async fn a_job_rides_out_a_server_killed_and_restarted_mid_job() {
     const IMAGES: u64 = 320;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let addr = free_loopback_addr();
     let server = TestServer::start_on(&addr, &data, &[], &[]);
     let idx = idx_pair(dir.path(), IMAGES as usize);
     let refused = dir.path().join("refused.jsonl");
-    let mut client = client_of(&addr).await;
+    let mut client = lazy_client(&addr);
     let names = "T-shirt,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot";
     let options = ["--streams", "2", "--batch-items", "8", "--max-retries", "30", "--class-names", names];
     let job = start_ingest(&addr, "idx", &refused, &options, &[&idx]);
@@ -181,7 +160,7 @@ async fn a_job_rides_out_a_server_killed_and_restarted_mid_job() {
     assert!(number(&summary, "retries") >= 1, "the job saw the server go: {summary}");
     assert_eq!(number(&summary, "indexed"), IMAGES, "each batch acknowledged once: {summary}");
     assert_eq!((number(&summary, "refused"), number(&summary, "remaining")), (0, 0), "{summary}");
-    let mut client = client_of(&server.addr).await;
+    let mut client = lazy_client(&server.addr);
     assert_eq!(items_in(&mut client, "idx").await, IMAGES);
     let got = client
         .get_items(proto::GetItemsRequest {

@@ -7,11 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use imagelsh::proto::{self, image_index_client::ImageIndexClient};
-use tonic::transport::Channel;
 
 const ADMIN_TOKEN: &str = "python-admin-token-0123456789";
 const READ_TOKEN: &str = "python-read-token-0123456789";
@@ -86,10 +84,7 @@ async fn a_python_job_rides_out_a_server_killed_and_restarted_mid_job() {
     const IMAGES: u64 = 240;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().to_string()
-    };
+    let addr = free_loopback_addr();
     let server = TestServer::start_on(&addr, &data, &[], &[]);
     let folder = class_folders(dir.path(), IMAGES as usize);
     let job = Command::new(python())
@@ -102,12 +97,8 @@ async fn a_python_job_rides_out_a_server_killed_and_restarted_mid_job() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the Python job");
-    let mut client = ImageIndexClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
-    let started = Instant::now();
-    while items_in(&mut client, "restarted").await < IMAGES / 4 {
-        assert!(started.elapsed() < Duration::from_secs(180), "the job indexed too little in 3 minutes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut client = lazy_client(&addr);
+    wait_for_items(&mut client, "restarted", IMAGES / 4).await;
     server.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = TestServer::start_on(&addr, &data, &[], &[]);
@@ -117,7 +108,7 @@ async fn a_python_job_rides_out_a_server_killed_and_restarted_mid_job() {
     assert!(summary["retries"].as_u64() >= Some(1), "the job saw the server go: {summary}");
     assert_eq!(summary["indexed"], IMAGES, "each batch acknowledged once: {summary}");
     assert_eq!((summary["refused"].as_u64(), summary["remaining"].as_u64()), (Some(1), Some(0)), "{summary}");
-    let mut client = ImageIndexClient::new(server.channel().await);
+    let mut client = server.client().await;
     assert_eq!(items_in(&mut client, "restarted").await, IMAGES);
 }
 
@@ -148,11 +139,7 @@ async fn a_python_job_interrupted_with_sigint_and_rerun_indexes_everything_once(
     let mut client = server.client().await;
 
     let job = start_job();
-    let started = Instant::now();
-    while items_in(&mut client, "interrupted").await < IMAGES / 4 {
-        assert!(started.elapsed() < Duration::from_secs(180), "the job indexed too little in 3 minutes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_items(&mut client, "interrupted", IMAGES / 4).await;
     assert!(Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap().success());
     let (code, first) = finish(job);
     assert_eq!((code, &first["interrupted"]), (Some(130), &true.into()), "{first}");
@@ -168,9 +155,4 @@ async fn a_python_job_interrupted_with_sigint_and_rerun_indexes_everything_once(
     assert_eq!(second["indexed"], IMAGES - indexed, "{second}");
     assert_eq!((second["refused"].as_u64(), second["remaining"].as_u64()), (Some(1), Some(0)), "{second}");
     assert_eq!(items_in(&mut client, "interrupted").await, IMAGES, "every image indexed once");
-}
-
-/// Items in `index`, 0 while it does not exist (the job creates it) or the server is away.
-async fn items_in(client: &mut ImageIndexClient<Channel>, index: &str) -> u64 {
-    client.get_index(proto::GetIndexRequest { name: index.into() }).await.map_or(0, |r| r.into_inner().items)
 }

@@ -264,3 +264,28 @@ pub fn class_folders(dir: &Path, n: usize) -> PathBuf {
     std::fs::write(root.join("class0").join("broken.jpg"), b"not a jpeg at all").unwrap();
     root
 }
+
+/// A loopback address no one listens on now (a server restarted on the port a client uses).
+pub fn free_loopback_addr() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().to_string()
+}
+
+/// A client that connects when first used (the server may be away, or restarting).
+pub fn lazy_client(addr: &str) -> ImageIndexClient<Channel> {
+    ImageIndexClient::new(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
+}
+
+/// Items in `index`, 0 while it does not exist (a job creates it) or the server is away.
+pub async fn items_in(client: &mut ImageIndexClient<Channel>, index: &str) -> u64 {
+    client.get_index(proto::GetIndexRequest { name: index.into() }).await.map_or(0, |r| r.into_inner().items)
+}
+
+/// Waits (at most 3 minutes) until a running job has put `at_least` items into `index`.
+pub async fn wait_for_items(client: &mut ImageIndexClient<Channel>, index: &str, at_least: u64) {
+    let started = Instant::now();
+    while items_in(client, index).await < at_least {
+        assert!(started.elapsed() < Duration::from_secs(180), "the job indexed too little in 3 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
