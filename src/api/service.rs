@@ -51,28 +51,18 @@ impl ImageIndexService {
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
-        let span = tracing::info_span!("batch", batch_id = request.batch_id, items = request.items.len());
-        async move {
-            self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
-            let items = request.items.into_iter().map(IncomingItem::from).collect();
-            let outcome = self.cases.ingest(&request.index, items).await?;
-            tracing::debug!(indexed = outcome.indexed, refused = outcome.failures.len(), "batch acknowledged");
-            Ok(proto::IngestResponse {
-                batch_id: request.batch_id,
-                indexed: outcome.indexed,
-                errors: outcome.failures.into_iter().map(Into::into).collect(),
-            })
-        }
-        .instrument(span)
-        .await
+        self.cases.limits().check_batch(request.items.len()).map_err(UseCaseError::TooLarge)?;
+        let items = request.items.into_iter().map(IncomingItem::from).collect();
+        let outcome = self.cases.ingest(&request.index, items).await?;
+        tracing::debug!(indexed = outcome.indexed, refused = outcome.failures.len(), "batch acknowledged");
+        Ok(proto::IngestResponse {
+            batch_id: request.batch_id,
+            indexed: outcome.indexed,
+            errors: outcome.failures.into_iter().map(Into::into).collect(),
+        })
     }
 
     async fn embed_batch(&self, request: proto::EmbedRequest) -> Result<proto::EmbedResponse, Status> {
-        let span = tracing::info_span!("batch", batch_id = request.batch_id, items = request.images.len());
-        self.embed_batch_in_span(request).instrument(span).await
-    }
-
-    async fn embed_batch_in_span(&self, request: proto::EmbedRequest) -> Result<proto::EmbedResponse, Status> {
         self.cases.limits().check_batch(request.images.len()).map_err(UseCaseError::TooLarge)?;
         let mut embeddings = Vec::with_capacity(request.images.len());
         let mut errors = Vec::new();
@@ -87,6 +77,11 @@ impl ImageIndexService {
         }
         Ok(proto::EmbedResponse { batch_id: request.batch_id, embeddings, errors })
     }
+}
+
+/// The span of one stream message, below its call's: traces and logs name the batch.
+fn batch_span(batch_id: u64, items: usize) -> tracing::Span {
+    tracing::info_span!("batch", batch_id, items)
 }
 
 /// Answers each message of a request stream in order, one at a time, so that a client sending
@@ -184,7 +179,8 @@ impl ImageIndex for ImageIndexService {
         let this = self.clone();
         let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), self.stream_idle, move |batch| {
             let this = this.clone();
-            async move { this.ingest_batch(batch).await }
+            let span = batch_span(batch.batch_id, batch.items.len());
+            async move { this.ingest_batch(batch).await }.instrument(span)
         });
         Ok(Response::new(stream))
     }
@@ -257,7 +253,8 @@ impl ImageIndex for ImageIndexService {
         let this = self.clone();
         let stream = respond_in_order(request.into_inner(), self.shutdown.clone(), self.stream_idle, move |batch| {
             let this = this.clone();
-            async move { this.embed_batch(batch).await }
+            let span = batch_span(batch.batch_id, batch.images.len());
+            async move { this.embed_batch(batch).await }.instrument(span)
         });
         Ok(Response::new(stream))
     }
