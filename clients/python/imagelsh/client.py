@@ -1,6 +1,8 @@
 """The imagelsh client: one channel (plain or TLS) with the bearer token on every call."""
+import dataclasses
 import json
 import math
+import queue
 import threading
 import time
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
@@ -8,7 +10,7 @@ from urllib.parse import urlparse
 
 import grpc
 
-from .errors import ImagelshError, ImagesRefused, NotFound, AlreadyExists, from_rpc_error
+from .errors import AlreadyExists, ImagesRefused, NotFound, from_rpc_error
 from .ingest import IngestJob, IngestOptions
 from .retry import Backoff, is_retryable
 from .source import SOURCE_KEY, plan_folder
@@ -181,7 +183,8 @@ class Client:
             return []
         embeddings: List[Optional[List[float]]] = [None] * len(images)
         refused: List[Refusal] = []
-        source = _ListQueue()
+        # Every batch is in memory already: the feed's source holds them all from the start.
+        source = queue.Queue()
         for batch_id, start in enumerate(range(0, len(images), batch_size)):
             chunk = images[start:start + batch_size]
             source.put(Batch(batch_id, pb.EmbedRequest(batch_id=batch_id, images=chunk), start))
@@ -228,7 +231,7 @@ class Client:
             held = self._held_ids(index, [item.id for item in items], batch_size)
             summary.skipped = len(held)
             items = [item for item in items if item.id not in held]
-        backoff = self.backoff if max_retries is None else Backoff(self.backoff.first, self.backoff.max, max_retries)
+        backoff = self.backoff if max_retries is None else dataclasses.replace(self.backoff, retries=max_retries)
         options = IngestOptions(batch_size=batch_size, max_batch_bytes=max_batch_bytes, parallel=parallel,
                                 max_in_flight=max_in_flight, readers=readers, max_item_bytes=max_item_bytes,
                                 backoff=backoff, progress=progress)
@@ -261,19 +264,3 @@ class Client:
             held.update(item.id for item in found)
         return held
 
-
-class _ListQueue:
-    """A queue that holds all its batches from the start (embed's are in memory already)."""
-
-    def __init__(self):
-        self._items = []
-        self._lock = threading.Lock()
-
-    def put(self, item):
-        self._items.append(item)
-
-    def get(self, timeout=None):
-        with self._lock:
-            if not self._items:
-                raise ImagelshError("read past the end of the batches")
-            return self._items.pop(0)

@@ -25,9 +25,8 @@ def plan_folder(root: str) -> List[PlannedItem]:
     if not os.path.isdir(root):
         raise NotADirectoryError(root)
     items = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
+    for folder, _dirs, files in os.walk(root, followlinks=True):
+        for name in files:
             extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
             path = os.path.join(folder, name)
             if extension not in IMAGE_EXTENSIONS or not os.path.isfile(path):
@@ -35,5 +34,6 @@ def plan_folder(root: str) -> List[PlannedItem]:
             parts = os.path.relpath(path, root).split(os.sep)
             label = parts[0] if len(parts) > 1 else ""
             items.append(PlannedItem("/".join(parts), label, {SOURCE_KEY: path}, path))
+    # By path components, as the Rust client orders them (not os.walk's order).
     items.sort(key=lambda item: item.id.split("/"))
     return items
