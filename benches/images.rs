@@ -134,12 +134,17 @@ fn main() {
     let embedder = OnnxEmbedder::load(
         &model,
         card.clone(),
-        &OrtOptions { library, device: Device::Cpu, intra_threads: threads, spinning: false },
+        &OrtOptions {
+            intra_threads: Some(threads),
+            max_batch: Some(max_batch),
+            instances: Some(1),
+            ..OrtOptions::new(library, Device::Cpu)
+        },
     )
     .unwrap();
     let tensors: Vec<Vec<f32>> = pngs.iter().take(64).map(|b| preprocessor.preprocess(b).unwrap()).collect();
     let mut raw_rates = Vec::new();
-    for batch in [1usize, 4, 8, 16, 32] {
+    for batch in [1usize, 4, 8, 16, 32].into_iter().filter(|&b| b <= max_batch) {
         let input: Vec<f32> = tensors.iter().cycle().take(batch).flatten().copied().collect();
         embedder.embed(&input, batch).unwrap(); // warm-up
         let runs = (256 / batch).max(4);
@@ -162,7 +167,6 @@ fn main() {
         let catalog = SledCatalog::open(dir.path(), &SledOptions::default()).unwrap();
         let engine = Arc::new(Engine::open(Arc::new(catalog), &dir.path().join("wal"), card.dim).unwrap());
         let batcher = BatcherConfig {
-            max_batch,
             max_delay: Duration::from_millis(2),
             queue_capacity: 128,
             queue_timeout: Duration::from_secs(30),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args};
 
-use crate::embed::Device;
+use crate::embed::{BatchSizes, ConvSearch, CudaOptions, Device, Embedder, OrtOptions};
 use crate::limits::RequestLimits;
 use crate::pipeline::{BatcherConfig, DecodeLimits};
 
@@ -249,13 +249,47 @@ pub struct ModelConfig {
     #[arg(long, env = "IMAGELSH_DEVICE", value_enum, default_value_t = Device::Auto)]
     pub device: Device,
 
-    /// Threads per inference (CPU provider). Default: the cores available.
+    /// Threads per inference instance (CPU provider). Default: the cores available divided
+    /// among the instances.
     #[arg(long, env = "IMAGELSH_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
 
     /// Let idle inference threads spin (faster inference, less CPU for everything else).
     #[arg(long, env = "IMAGELSH_INTRA_SPINNING", default_value_t = false, action = ArgAction::Set)]
     pub intra_spinning: bool,
+
+    /// The batch sizes the model runs at (comma-separated), each warmed at start; a batch is
+    /// padded to the smallest that holds it. Default: 1,4,16,64 on CUDA (up to --max-batch in
+    /// steps of 4), every size up to 8 on the CPU.
+    #[arg(long, env = "IMAGELSH_BATCH_SIZES", value_name = "SIZES")]
+    pub batch_sizes: Option<BatchSizes>,
+
+    /// Largest batch, when --batch-sizes is not given (the sizes below it follow the provider's
+    /// rule). Default: 64 on CUDA, 8 on the CPU.
+    #[arg(long, env = "IMAGELSH_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+
+    /// Batches the model runs at once (sessions of each batch size). Default: 2 on CUDA (one
+    /// batch is copied and launched while the other computes); on the CPU one per 4 cores.
+    #[arg(long, env = "IMAGELSH_MODEL_INSTANCES")]
+    pub model_instances: Option<usize>,
+
+    /// CUDA device number.
+    #[arg(long, env = "IMAGELSH_CUDA_DEVICE", default_value_t = 0)]
+    pub cuda_device: i32,
+
+    /// How cuDNN chooses convolution algorithms (paid once per batch size, at start).
+    #[arg(long, env = "IMAGELSH_CUDA_CONV_SEARCH", value_enum, default_value_t = ConvSearch::Exhaustive)]
+    pub cuda_conv_search: ConvSearch,
+
+    /// TensorFloat-32 convolutions and matrix products on CUDA (Ampere and later): faster,
+    /// embeddings within cosine 0.999 of fp32 (BENCHMARKS.md).
+    #[arg(long, env = "IMAGELSH_CUDA_TF32", default_value_t = false, action = ArgAction::Set)]
+    pub cuda_tf32: bool,
+
+    /// Channels-last (NHWC) convolutions on CUDA.
+    #[arg(long, env = "IMAGELSH_CUDA_NHWC", default_value_t = false, action = ArgAction::Set)]
+    pub cuda_nhwc: bool,
 
     /// Serve embeddings only (no model, no ONNX Runtime): image items and queries are refused.
     #[arg(long, env = "IMAGELSH_NO_MODEL")]
@@ -275,26 +309,45 @@ impl ModelConfig {
         })
     }
 
-    pub fn threads(&self) -> usize {
-        self.intra_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    /// ONNX Runtime's options from these flags.
+    pub fn ort_options(&self) -> Result<OrtOptions, String> {
+        let library = self.ort_library()?;
+        let batch_sizes = match (&self.batch_sizes, self.max_batch) {
+            (Some(sizes), _) => Some(sizes.clone()),
+            (None, Some(0)) => return Err("--max-batch must be at least 1".into()),
+            (None, _) => None,
+        };
+        Ok(OrtOptions {
+            library,
+            device: self.device,
+            intra_threads: self.intra_threads,
+            spinning: self.intra_spinning,
+            batch_sizes,
+            max_batch: self.max_batch,
+            instances: self.model_instances,
+            cuda: CudaOptions {
+                device_id: self.cuda_device,
+                conv_search: self.cuda_conv_search,
+                tf32: self.cuda_tf32,
+                prefer_nhwc: self.cuda_nhwc,
+            },
+            profile: None,
+        })
     }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct PipelineConfig {
-    /// Largest inference batch. Default: 8 on CPU (bigger batches are slower per image on
-    /// few cores), 64 on CUDA.
-    #[arg(long, env = "IMAGELSH_MAX_BATCH")]
-    pub max_batch: Option<usize>,
-
-    /// How long the oldest queued image may wait for its batch to fill, milliseconds.
-    #[arg(long, env = "IMAGELSH_MAX_DELAY_MS", default_value_t = 2)]
-    pub max_delay_ms: u64,
+    /// How long a free model instance waits for its batch to fill, milliseconds. Default: 5 on
+    /// CUDA, 2 on the CPU.
+    #[arg(long, env = "IMAGELSH_MAX_DELAY_MS")]
+    pub max_delay_ms: Option<u64>,
 
     /// Images waiting for the model, at most. Decoded images in memory stay under
-    /// queue-capacity + 4 × max-batch (~600 KB each for the default model).
-    #[arg(long, env = "IMAGELSH_QUEUE_CAPACITY", default_value_t = 128)]
-    pub queue_capacity: usize,
+    /// queue-capacity + (instances + 2) × the largest batch (~600 KB each for the default
+    /// model). Default: 4 batches per instance, at least 128.
+    #[arg(long, env = "IMAGELSH_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
 
     /// How long a request may wait for room in the queue before RESOURCE_EXHAUSTED, milliseconds.
     #[arg(long, env = "IMAGELSH_QUEUE_TIMEOUT_MS", default_value_t = 10_000)]
@@ -318,11 +371,13 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    pub fn batcher(&self, provider: &str) -> BatcherConfig {
+    /// The batcher in front of `embedder`: its defaults follow the provider and the batch shapes.
+    pub fn batcher(&self, embedder: &dyn Embedder) -> BatcherConfig {
+        let cuda = embedder.provider() == "CUDA";
+        let batches = embedder.batch_sizes().largest() * embedder.instances().max(1);
         BatcherConfig {
-            max_batch: self.max_batch.unwrap_or(if provider == "CUDA" { 64 } else { 8 }),
-            max_delay: Duration::from_millis(self.max_delay_ms),
-            queue_capacity: self.queue_capacity,
+            max_delay: Duration::from_millis(self.max_delay_ms.unwrap_or(if cuda { 5 } else { 2 })),
+            queue_capacity: self.queue_capacity.unwrap_or((4 * batches).max(128)),
             queue_timeout: Duration::from_millis(self.queue_timeout_ms),
         }
     }

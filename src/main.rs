@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use imagelsh::api::{self, GuardLimits, Limits, ServeOptions, TlsFiles, TokenSource};
 use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
 use imagelsh::config_file;
-use imagelsh::embed::{ModelCard, OnnxEmbedder, OrtOptions};
+use imagelsh::embed::{Embedder, ModelCard, OnnxEmbedder, OrtOptions};
 use imagelsh::index::{Engine, EngineOptions};
 use imagelsh::pipeline::ImagePipeline;
 use imagelsh::store::{SledCatalog, SledOptions, migrate};
@@ -55,6 +55,10 @@ enum Command {
     /// Give back the space of replaced and deleted items and rewrite the database, offline
     /// (the server does both by itself while it runs; see --compact-removed-share).
     Compact(StorageConfig),
+    /// The model alone on this machine: images/s per batch size as the server runs it (or as
+    /// one plain session, --plain), each shape's first run, the runs of a sequence of sizes, and
+    /// embeddings of real images to compare providers.
+    BenchModel(Box<cli::bench_model::BenchModelArgs>),
     /// Compute a model's center (the mean embedding of a set of images) for its card.
     Center {
         #[command(flatten)]
@@ -128,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         Command::Migrate(storage) => migrate_data_dir(&storage),
         Command::Check { storage, repair } => check_data_dir(&storage, repair),
         Command::Compact(storage) => compact_data_dir(&storage),
+        Command::BenchModel(args) => cli::bench_model::run(*args),
         Command::Center { model, out, images } => write_center(&model, &out, &images),
         Command::Ingest(args) => {
             let code = client_runtime()?.block_on(cli::ingest::run(*args))?;
@@ -363,12 +368,10 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 }
 
 fn write_center(model: &ModelConfig, out: &std::path::Path, images: &[std::path::PathBuf]) -> anyhow::Result<()> {
-    use imagelsh::embed::Embedder;
-    let library = model.ort_library().map_err(anyhow::Error::msg)?;
     let mut card = ModelCard::load(&ModelCard::path_for(&model.model))?;
     card.center = None;
     let preprocessor = imagelsh::pipeline::Preprocessor::new(card.clone(), Default::default());
-    let options = OrtOptions { library, device: model.device, intra_threads: model.threads(), spinning: false };
+    let options = OrtOptions { instances: Some(1), ..model.ort_options().map_err(anyhow::Error::msg)? };
     let embedder = OnnxEmbedder::load(&model.model, card.clone(), &options)?;
     let mut sum = vec![0f64; card.dim as usize];
     let mut used = 0usize;
@@ -391,23 +394,26 @@ fn write_center(model: &ModelConfig, out: &std::path::Path, images: &[std::path:
 }
 
 async fn start_pipeline(model: &ModelConfig, pipeline: &PipelineConfig) -> anyhow::Result<ImagePipeline> {
-    let library = model.ort_library().map_err(anyhow::Error::msg)?;
+    let options = model.ort_options().map_err(anyhow::Error::msg)?;
     let card_path = ModelCard::path_for(&model.model);
     let card = ModelCard::load(&card_path)?;
-    let options =
-        OrtOptions { library, device: model.device, intra_threads: model.threads(), spinning: model.intra_spinning };
     let model_path = model.model.clone();
     let embedder = tokio::task::spawn_blocking(move || OnnxEmbedder::load(&model_path, card, &options))
         .await?
         .with_context(|| format!("loading model {}", model.model.display()))?;
-    let batcher = pipeline.batcher(embedder_provider(&embedder));
-    tracing::info!(max_batch = batcher.max_batch, max_delay = ?batcher.max_delay, queue = batcher.queue_capacity, "batcher");
-    Ok(ImagePipeline::start(Arc::new(embedder), pipeline.limits(), pipeline.decoders(), batcher))
-}
-
-fn embedder_provider(embedder: &OnnxEmbedder) -> &str {
-    use imagelsh::embed::Embedder;
-    embedder.provider()
+    let batcher = pipeline.batcher(&embedder);
+    let decoders = pipeline.decoders();
+    tracing::info!(
+        provider = embedder.provider(),
+        batch_sizes = %embedder.batch_sizes(),
+        instances = embedder.instances(),
+        threads_per_instance = embedder.threads(),
+        max_delay = ?batcher.max_delay,
+        queue = batcher.queue_capacity,
+        decoders,
+        "inference settings (defaults follow the provider and the cores)"
+    );
+    Ok(ImagePipeline::start(Arc::new(embedder), pipeline.limits(), decoders, batcher))
 }
 
 /// SIGHUP reloads the tokens; a file that no longer parses leaves the tokens in force.

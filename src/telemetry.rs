@@ -16,6 +16,8 @@ pub const BATCHER_QUEUE_DEPTH: &str = "imagelsh_batcher_queue_depth";
 pub const BATCHER_WAIT: &str = "imagelsh_batcher_wait_seconds";
 pub const INFERENCE: &str = "imagelsh_inference_seconds";
 pub const INFERENCE_BATCH_IMAGES: &str = "imagelsh_inference_batch_images";
+pub const INFERENCE_PADDED_ROWS: &str = "imagelsh_inference_padded_rows_total";
+pub const MODEL_BUSY: &str = "imagelsh_model_busy_seconds_total";
 pub const QUERY: &str = "imagelsh_query_seconds";
 pub const QUERY_CANDIDATES: &str = "imagelsh_query_candidates";
 pub const OPEN_STREAMS: &str = "imagelsh_open_streams";
@@ -59,8 +61,14 @@ fn describe() {
         Unit::Seconds,
         "Time an image waited in the queue before its batch went to the model."
     );
-    describe_histogram!(INFERENCE, Unit::Seconds, "Model time per batch.");
+    describe_histogram!(INFERENCE, Unit::Seconds, "Model time per batch (input copy, run, output copy), per instance.");
     describe_histogram!(INFERENCE_BATCH_IMAGES, "Images per model batch.");
+    describe_counter!(INFERENCE_PADDED_ROWS, "Rows run as padding (a batch is padded to a fixed size).");
+    describe_gauge!(
+        MODEL_BUSY,
+        Unit::Seconds,
+        "Time at least one batch was on the model since start (its instances overlap; this counts the device once)."
+    );
     describe_histogram!(QUERY, Unit::Seconds, "Query time in the index (after embedding an image), by plan.");
     describe_histogram!(QUERY_CANDIDATES, "Candidates per query.");
     describe_gauge!(OPEN_STREAMS, "Ingest and embed streams open, by kind.");

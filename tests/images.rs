@@ -314,7 +314,7 @@ fn the_model_classifies_the_cat_as_a_tabby_through_the_library() {
     let embedder = OnnxEmbedder::load(
         Path::new(MODEL),
         card,
-        &OrtOptions { library, device: Device::Cpu, intra_threads: 2, spinning: false },
+        &OrtOptions { intra_threads: Some(2), ..OrtOptions::new(library, Device::Cpu) },
     )
     .unwrap();
     let cat = preprocessor.preprocess(&read_data(Path::new(SKIMAGE_DATA).join("chelsea.png"))).unwrap();

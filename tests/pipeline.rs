@@ -18,10 +18,14 @@ fn pipeline(queue_capacity: usize, max_batch: usize) -> ImagePipeline {
         .or_else(|| imagelsh::config::venv_ort_library(Path::new(env!("CARGO_MANIFEST_DIR"))))
         .expect("ONNX Runtime library: set ORT_DYLIB_PATH or run scripts/setup-ort");
     let card = ModelCard::load(&ModelCard::path_for(Path::new(MODEL))).unwrap();
-    let options = OrtOptions { library, device: Device::Cpu, intra_threads: 2, spinning: false };
+    let options = OrtOptions {
+        intra_threads: Some(2),
+        max_batch: Some(max_batch),
+        instances: Some(1),
+        ..OrtOptions::new(library, Device::Cpu)
+    };
     let embedder = OnnxEmbedder::load(Path::new(MODEL), card, &options).unwrap();
     let batcher = BatcherConfig {
-        max_batch,
         max_delay: Duration::from_millis(2),
         queue_capacity,
         queue_timeout: Duration::from_secs(300),
@@ -52,9 +56,9 @@ async fn a_flood_of_images_is_held_back_before_decoding() {
     for task in tasks {
         assert!(task.await.unwrap().iter().all(|r| r.as_ref().is_ok_and(|e| e.vector.len() == 1280)));
     }
-    // Queued, and four batches: being collected, handed to the model, in the model, answered
-    // but not yet picked up by their callers.
-    let bound = queue + 4 * max_batch;
+    // Queued, and (instances + 2) batches: being collected, on the one instance, answered but
+    // not yet picked up by their callers.
+    let bound = queue + 3 * max_batch;
     let peak = pipeline.decoded().peak();
     assert!(peak <= bound, "{peak} decoded images alive at once; the bound is {bound}");
     assert!(peak >= max_batch, "the flood never filled a batch ({peak})");

@@ -1,6 +1,7 @@
 //! The client commands (`ingest`, `query`, `stats`, `demo`): flags, the calls, and what they print.
 
 pub mod backup;
+pub mod bench_model;
 pub mod demo;
 pub mod ingest;
 pub mod query;

@@ -1,22 +1,28 @@
 //! The dynamic batcher: items from every stream and call share one bounded queue in front of
-//! the model. A batch goes to the model when it holds `max_batch` items or when its oldest item
-//! has waited `max_delay`. At most `queue_capacity + 4 × max_batch` decoded images exist at once
-//! (queued; being collected, handed to the model, in the model — with its input copy — or
-//! answered but not yet picked up): each is ~600 KB for a 224×224 model. A full queue makes callers wait (and so, through HTTP/2 flow
-//! control, the clients); a caller that cannot enqueue within `queue_timeout` gets an error.
+//! the model. When a model instance is free, the batcher takes what is queued, up to the
+//! largest batch size, waiting at most `max_delay` (from the first item) for more; the batch is
+//! padded to the smallest fixed size that holds it (`embed::BatchSizes`), so the device only
+//! sees shapes warmed at start. Each instance has a thread of its own that copies its batch into
+//! its input buffer (pinned memory on CUDA) while the other instances run theirs.
+//!
+//! At most `queue_capacity + (instances + 2) × largest batch` decoded images exist at once
+//! (queued; being collected; on an instance, input copy included; answered but not yet picked
+//! up): each is ~600 KB for a 224×224 model. A full queue makes callers wait (and so, through
+//! HTTP/2 flow control, the clients); a caller that cannot enqueue within `queue_timeout` gets
+//! an error.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::embed::Embedder;
+use crate::embed::{Embedder, InputBatch};
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
-    pub max_batch: usize,
     pub max_delay: Duration,
     /// Items waiting for the model, at most.
     pub queue_capacity: usize,
@@ -39,14 +45,24 @@ pub struct BatcherStats {
     pub batches: AtomicU64,
     pub items: AtomicU64,
     pub largest_batch: AtomicU64,
-    /// Time the model spent on batches, nanoseconds.
+    /// Rows run that were padding, not images.
+    pub padded_rows: AtomicU64,
+    /// Time at least one batch was on the model, nanoseconds (the device's busy time).
     pub busy_nanos: AtomicU64,
+    /// Model time summed over instances, nanoseconds.
+    pub instance_nanos: AtomicU64,
 }
 
 struct Job {
     input: Vec<f32>,
     reply: oneshot::Sender<Result<Vec<f32>, BatchError>>,
     queued: Instant,
+}
+
+/// A batch for an instance, with the instance's turn (released when its run ends).
+struct Work {
+    jobs: Vec<Job>,
+    turn: OwnedSemaphorePermit,
 }
 
 #[derive(Clone)]
@@ -57,11 +73,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the worker on the current tokio runtime.
+    /// Starts the collector on the current tokio runtime and one thread per model instance.
     pub fn start(embedder: Arc<dyn Embedder>, config: BatcherConfig) -> Self {
         let (queue, jobs) = mpsc::channel(config.queue_capacity.max(1));
         let stats = Arc::new(BatcherStats::default());
-        tokio::spawn(run(embedder, config.clone(), jobs, stats.clone()));
+        tokio::spawn(collect(embedder, config.clone(), jobs, stats.clone()));
         Self { queue, queue_timeout: config.queue_timeout, stats }
     }
 
@@ -101,39 +117,41 @@ impl QueueSlot {
     }
 }
 
-/// Collects batches on the async runtime and hands them to one dedicated inference thread:
-/// the model is always called from the same thread, and the runtime's threads never block.
-async fn run(
-    embedder: Arc<dyn Embedder>,
-    config: BatcherConfig,
-    mut jobs: mpsc::Receiver<Job>,
-    stats: Arc<BatcherStats>,
-) {
-    let max_batch = config.max_batch.max(1);
-    // One batch may wait while the model runs the previous one: collecting overlaps inference.
-    let (to_model, batches) = std::sync::mpsc::sync_channel::<Vec<Job>>(1);
-    let model_stats = stats.clone();
-    let spawned = std::thread::Builder::new().name("imagelsh-inference".into()).spawn(move || {
-        for batch in batches {
-            let started = std::time::Instant::now();
-            run_batch(embedder.as_ref(), batch);
-            model_stats.busy_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+/// Forms batches on the async runtime, one whenever an instance is free, and hands them to
+/// the instances' threads: the runtime's threads never copy or run the model.
+async fn collect(embedder: Arc<dyn Embedder>, config: BatcherConfig, mut jobs: mpsc::Receiver<Job>, stats: Arc<BatcherStats>) {
+    let largest = embedder.batch_sizes().largest();
+    let instances = embedder.instances().max(1);
+    let free = Arc::new(Semaphore::new(instances));
+    let (to_instances, work) = mpsc::channel::<Work>(instances);
+    let work = Arc::new(Mutex::new(work));
+    let device = Arc::new(DeviceClock::default());
+    for number in 0..instances {
+        let (embedder, work, stats, device) = (embedder.clone(), work.clone(), stats.clone(), device.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("imagelsh-model-{number}"))
+            .spawn(move || run_instance(embedder.as_ref(), &work, &stats, &device));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an inference thread");
+            return;
         }
-    });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the inference thread");
-        return;
     }
-    while let Some(first) = jobs.recv().await {
+    loop {
+        // Waiting for a free instance first lets the queue fill the next batch meanwhile.
+        let Ok(turn) = free.clone().acquire_owned().await else { return };
+        let Some(first) = jobs.recv().await else { return };
         let deadline = Instant::now() + config.max_delay;
         let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                Ok(Some(job)) => batch.push(job),
-                Ok(None) | Err(_) => break,
+        while batch.len() < largest {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                    Ok(Some(job)) => batch.push(job),
+                    Ok(None) | Err(_) => break,
+                },
             }
         }
-        tracing::trace!(rows = batch.len(), "batch to the model");
         let formed = Instant::now();
         let waited = metrics::histogram!(crate::telemetry::BATCHER_WAIT);
         batch.iter().for_each(|job| waited.record(formed.duration_since(job.queued).as_secs_f64()));
@@ -141,62 +159,158 @@ async fn run(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
-        // Waits (off the runtime's workers) while the model is busy with the previous batch.
-        let to_model = to_model.clone();
-        let sent = tokio::task::spawn_blocking(move || to_model.send(batch)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            tracing::error!("the inference thread has stopped");
+        if to_instances.send(Work { jobs: batch, turn }).await.is_err() {
+            tracing::error!("the inference threads have stopped");
             return;
         }
     }
 }
 
-fn run_batch(embedder: &dyn Embedder, batch: Vec<Job>) {
-    let rows = batch.len();
+/// The time at least one instance is running: the device's busy time, whatever the instances.
+#[derive(Default)]
+struct DeviceClock {
+    running: Mutex<(usize, Option<std::time::Instant>)>,
+}
+
+impl DeviceClock {
+    fn start(&self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.0 == 0 {
+            running.1 = Some(std::time::Instant::now());
+        }
+        running.0 += 1;
+    }
+
+    fn stop(&self, stats: &BatcherStats) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.0 = running.0.saturating_sub(1);
+        if running.0 == 0
+            && let Some(since) = running.1.take()
+        {
+            let busy = since.elapsed();
+            stats.busy_nanos.fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+            metrics::gauge!(crate::telemetry::MODEL_BUSY).increment(busy.as_secs_f64());
+        }
+    }
+}
+
+/// One instance's thread: fills its own input buffer (one per batch size) and runs the model.
+fn run_instance(
+    embedder: &dyn Embedder,
+    work: &Mutex<mpsc::Receiver<Work>>,
+    stats: &BatcherStats,
+    device: &DeviceClock,
+) {
+    let mut buffers: HashMap<usize, InputBatch> = HashMap::new();
+    loop {
+        // One thread waits for work at a time; the others wait for the lock.
+        let next = work.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+        let Some(Work { jobs, turn }) = next else { return };
+        run_batch(embedder, &mut buffers, jobs, stats, device);
+        drop(turn);
+    }
+}
+
+fn run_batch(
+    embedder: &dyn Embedder,
+    buffers: &mut HashMap<usize, InputBatch>,
+    jobs: Vec<Job>,
+    stats: &BatcherStats,
+    device: &DeviceClock,
+) {
+    let rows = jobs.len();
+    let size = embedder.batch_sizes().fitting(rows);
     // Batches gather images from many calls, so this span stands alone (not under a call's).
-    let _span = tracing::info_span!("inference", rows).entered();
-    let (inputs, replies): (Vec<Vec<f32>>, Vec<_>) = batch.into_iter().map(|j| (j.input, j.reply)).unzip();
+    let _span = tracing::info_span!("inference", rows, size).entered();
+    let input = match buffers.entry(size) {
+        std::collections::hash_map::Entry::Occupied(buffer) => buffer.into_mut(),
+        std::collections::hash_map::Entry::Vacant(slot) => match embedder.input_batch(size) {
+            Ok(buffer) => slot.insert(buffer),
+            Err(e) => return fail(jobs, &e.to_string()),
+        },
+    };
+    let mut replies = Vec::with_capacity(rows);
+    for (row, job) in jobs.into_iter().enumerate() {
+        if job.input.len() != input.row_len() {
+            let _ = job.reply.send(Err(BatchError::Inference(format!(
+                "an input of {} values, the model takes {}",
+                job.input.len(),
+                input.row_len()
+            ))));
+            continue;
+        }
+        input.row_mut(row).copy_from_slice(&job.input);
+        replies.push((row, job.reply));
+    }
+    stats.padded_rows.fetch_add((size - rows) as u64, Ordering::Relaxed);
+    metrics::counter!(crate::telemetry::INFERENCE_PADDED_ROWS).increment((size - rows) as u64);
     let started = std::time::Instant::now();
-    let flat: Vec<f32> = inputs.concat();
-    drop(inputs);
-    let result = embedder.embed(&flat, rows);
-    crate::telemetry::seconds(crate::telemetry::INFERENCE, started.elapsed());
-    tracing::trace!(rows, elapsed = ?started.elapsed(), "inference");
+    device.start();
+    let result = embedder.run(input, rows);
+    device.stop(stats);
+    let elapsed = started.elapsed();
+    stats.instance_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    crate::telemetry::seconds(crate::telemetry::INFERENCE, elapsed);
+    // One line per batch at debug level: `scripts/bench-gpu` reads them for the slowest batch.
+    tracing::debug!(rows, size, ms = elapsed.as_secs_f64() * 1e3, "batch ran");
     match result {
         Ok(embeddings) => {
-            for (reply, row) in replies.into_iter().zip(embeddings.outer_iter()) {
-                let _ = reply.send(Ok(row.to_vec()));
+            for (row, reply) in replies {
+                let _ = reply.send(Ok(embeddings.row(row).to_vec()));
             }
         }
         Err(e) => {
             tracing::error!(error = %e, rows, "inference failed");
-            for reply in replies {
+            for (_, reply) in replies {
                 let _ = reply.send(Err(BatchError::Inference(e.to_string())));
             }
         }
     }
 }
 
+fn fail(jobs: Vec<Job>, error: &str) {
+    tracing::error!(error, rows = jobs.len(), "no input buffer for a batch");
+    for job in jobs {
+        let _ = job.reply.send(Err(BatchError::Inference(error.to_string())));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embed::{EmbedError, ModelCard};
+    use crate::embed::{BatchSizes, EmbedError, ModelCard};
     use ndarray::Array2;
-    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
 
-    /// A stand-in model for the batching logic: each embedding is the sum of its input, and it
-    /// records the size of every batch it was given.
+    /// A stand-in model for the batching logic: inputs of two values, each embedding the sum of
+    /// its input; it records every run (rows, batch size) and the most runs at once.
     struct Recorder {
         card: ModelCard,
-        sizes: Mutex<Vec<usize>>,
+        sizes: BatchSizes,
+        instances: usize,
+        runs: std::sync::Mutex<Vec<(usize, usize)>>,
         delay: Duration,
+        running: AtomicUsize,
+        most_running: AtomicUsize,
     }
 
     impl Recorder {
-        fn new(delay: Duration) -> Arc<Self> {
+        fn new(delay: Duration, sizes: &str, instances: usize) -> Arc<Self> {
             let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet_lite0.onnx");
             let card = ModelCard::load(&ModelCard::path_for(&model)).unwrap();
-            Arc::new(Self { card, sizes: Mutex::new(Vec::new()), delay })
+            Arc::new(Self {
+                card,
+                sizes: sizes.parse().unwrap(),
+                instances,
+                runs: std::sync::Mutex::new(Vec::new()),
+                delay,
+                running: AtomicUsize::new(0),
+                most_running: AtomicUsize::new(0),
+            })
+        }
+
+        fn runs(&self) -> Vec<(usize, usize)> {
+            self.runs.lock().unwrap().clone()
         }
     }
 
@@ -207,17 +321,27 @@ mod tests {
         fn provider(&self) -> &str {
             "test"
         }
-        fn embed(&self, batch: &[f32], rows: usize) -> Result<Array2<f32>, EmbedError> {
+        fn batch_sizes(&self) -> &BatchSizes {
+            &self.sizes
+        }
+        fn instances(&self) -> usize {
+            self.instances
+        }
+        fn input_batch(&self, size: usize) -> Result<InputBatch, EmbedError> {
+            Ok(InputBatch::host(size, 2))
+        }
+        fn run(&self, input: &InputBatch, rows: usize) -> Result<Array2<f32>, EmbedError> {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_running.fetch_max(now, Ordering::SeqCst);
             std::thread::sleep(self.delay);
-            self.sizes.lock().unwrap().push(rows);
-            let per = batch.len() / rows;
-            Ok(Array2::from_shape_fn((rows, 1), |(r, _)| batch[r * per..][..per].iter().sum()))
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.runs.lock().unwrap().push((rows, input.size()));
+            Ok(Array2::from_shape_fn((rows, 1), |(r, _)| input.row(r).iter().sum()))
         }
     }
 
-    fn config(max_batch: usize, max_delay_ms: u64, queue_capacity: usize) -> BatcherConfig {
+    fn config(max_delay_ms: u64, queue_capacity: usize) -> BatcherConfig {
         BatcherConfig {
-            max_batch,
             max_delay: Duration::from_millis(max_delay_ms),
             queue_capacity,
             queue_timeout: Duration::from_secs(5),
@@ -226,8 +350,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_share_batches_and_get_their_own_answers() {
-        let model = Recorder::new(Duration::from_millis(5));
-        let batcher = Batcher::start(model.clone(), config(8, 50, 64));
+        let model = Recorder::new(Duration::from_millis(5), "1,2,3,4,5,6,7,8", 1);
+        let batcher = Batcher::start(model.clone(), config(50, 64));
         let calls: Vec<_> = (0..32)
             .map(|i| {
                 let b = batcher.clone();
@@ -237,43 +361,93 @@ mod tests {
         for (i, call) in calls.into_iter().enumerate() {
             assert_eq!(call.await.unwrap().unwrap(), vec![i as f32 + 1.0]);
         }
-        let sizes = model.sizes.lock().unwrap().clone();
-        assert_eq!(sizes.iter().sum::<usize>(), 32);
-        assert!(sizes.iter().all(|&s| s <= 8));
-        assert!(sizes.len() <= 8, "32 concurrent items should fill batches of 8: {sizes:?}");
+        let runs = model.runs();
+        assert_eq!(runs.iter().map(|r| r.0).sum::<usize>(), 32);
+        assert!(runs.iter().all(|&(rows, size)| rows <= 8 && rows == size), "{runs:?}");
+        assert!(runs.len() <= 8, "32 concurrent items should fill batches of 8: {runs:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_run_at_the_fixed_sizes_only() {
+        let model = Recorder::new(Duration::from_millis(20), "1,4,16", 1);
+        let batcher = Batcher::start(model.clone(), config(5, 256));
+        for wave in [1usize, 3, 5, 11, 16, 40] {
+            let calls: Vec<_> = (0..wave)
+                .map(|i| {
+                    let b = batcher.clone();
+                    tokio::spawn(async move { b.embed(vec![i as f32, 2.0]).await })
+                })
+                .collect();
+            for (i, call) in calls.into_iter().enumerate() {
+                assert_eq!(call.await.unwrap().unwrap(), vec![i as f32 + 2.0], "wave of {wave}");
+            }
+        }
+        let runs = model.runs();
+        assert!(runs.iter().all(|&(rows, size)| [1, 4, 16].contains(&size) && rows <= size), "{runs:?}");
+        assert!(runs.iter().any(|&(rows, size)| rows < size), "no batch was padded: {runs:?}");
+        let padded: usize = runs.iter().map(|&(rows, size)| size - rows).sum();
+        assert_eq!(batcher.stats().padded_rows.load(Ordering::Relaxed), padded as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_run_batches_at_once() {
+        let model = Recorder::new(Duration::from_millis(100), "4", 2);
+        let batcher = Batcher::start(model.clone(), config(1, 64));
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.embed(vec![i as f32, 0.0]).await })
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap().unwrap(), vec![i as f32]);
+        }
+        assert_eq!(model.most_running.load(Ordering::SeqCst), 2, "runs: {:?}", model.runs());
+        // The device clock counts overlapping runs once.
+        let stats = batcher.stats();
+        assert!(stats.busy_nanos.load(Ordering::Relaxed) < stats.instance_nanos.load(Ordering::Relaxed));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_item_waits_at_most_max_delay() {
-        let model = Recorder::new(Duration::ZERO);
-        let batcher = Batcher::start(model.clone(), config(64, 30, 64));
+        let model = Recorder::new(Duration::ZERO, "64", 1);
+        let batcher = Batcher::start(model.clone(), config(30, 64));
         let start = std::time::Instant::now();
-        batcher.embed(vec![1.0]).await.unwrap();
+        batcher.embed(vec![1.0, 0.0]).await.unwrap();
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(30), "sent before its delay: {waited:?}");
         assert!(waited < Duration::from_millis(1000), "held far past its delay: {waited:?}");
-        assert_eq!(*model.sizes.lock().unwrap(), vec![1]);
+        assert_eq!(model.runs(), vec![(1, 64)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn full_queue_holds_callers_back_then_refuses_after_the_timeout() {
-        let model = Recorder::new(Duration::from_millis(300));
-        let batcher = Batcher::start(
-            model.clone(),
-            BatcherConfig { queue_timeout: Duration::from_millis(100), ..config(1, 0, 2) },
-        );
-        // Besides the queue (2), at most three batches of 1 are out of it: one in the model, one
-        // handed to it, one being collected. The sixth caller cannot get in.
-        let running: Vec<_> = (0..5)
+        let model = Recorder::new(Duration::from_millis(300), "1", 1);
+        let batcher =
+            Batcher::start(model.clone(), BatcherConfig { queue_timeout: Duration::from_millis(100), ..config(0, 2) });
+        // Besides the queue (2), one batch of 1 is out of it, on the one instance. The fourth
+        // caller cannot get in.
+        let running: Vec<_> = (0..3)
             .map(|i| {
                 let b = batcher.clone();
-                tokio::spawn(async move { b.embed(vec![i as f32]).await })
+                tokio::spawn(async move { b.embed(vec![i as f32, 0.0]).await })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(batcher.embed(vec![9.0]).await, Err(BatchError::QueueFull(Duration::from_millis(100))));
+        assert_eq!(batcher.embed(vec![9.0, 0.0]).await, Err(BatchError::QueueFull(Duration::from_millis(100))));
         for r in running {
             assert!(r.await.unwrap().is_ok());
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_input_of_the_wrong_length_fails_alone() {
+        let model = Recorder::new(Duration::from_millis(20), "1,2,3,4", 1);
+        let batcher = Batcher::start(model.clone(), config(20, 64));
+        let (b1, b2) = (batcher.clone(), batcher.clone());
+        let good = tokio::spawn(async move { b1.embed(vec![1.0, 1.0]).await });
+        let bad = tokio::spawn(async move { b2.embed(vec![1.0, 1.0, 1.0]).await });
+        assert_eq!(good.await.unwrap(), Ok(vec![2.0]));
+        assert!(matches!(bad.await.unwrap(), Err(BatchError::Inference(_))));
     }
 }
