@@ -249,7 +249,7 @@ def end_to_end(args, device, images, count, work, gpu):
         if sampler:
             sampler.start()
         started = time.time()
-        summary = ingest(args.imagelsh, server, "bench", images, args.ingest_timeout)
+        summary = ingest(args.imagelsh, server, "bench", images, args.ingest_timeout, args.ingest_args)
         wall = time.time() - started
         if sampler:
             sampler.stop_event.set()
@@ -324,6 +324,7 @@ def main() -> int:
     parser.add_argument("--ingest-timeout", type=float, default=600)
     parser.add_argument("--min-ratio", type=float, default=0.0, help="exit 1 below this end-to-end/raw ratio")
     parser.add_argument("--serve-arg", dest="serve_args", action="append", default=[], help="extra serve flag")
+    parser.add_argument("--ingest-arg", dest="ingest_args", action="append", default=[], help="extra ingest flag")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="write every figure here (JSON)")
     args = parser.parse_args()

@@ -331,6 +331,7 @@ impl ModelConfig {
                 tf32: self.cuda_tf32,
                 prefer_nhwc: self.cuda_nhwc,
             },
+            session_per_size: None,
             profile: None,
         })
     }

@@ -173,7 +173,7 @@ async fn json_logs_carry_each_batch_inside_its_call() {
     assert!(!inference.is_empty(), "the model's batches are traced");
     let rows: u64 = inference
         .iter()
-        .filter(|l| l["fields"]["message"] == "inference")
+        .filter(|l| l["fields"]["message"] == "batch ran")
         .map(|l| l["span"]["rows"].as_u64().expect("rows"))
         .sum();
     assert_eq!(rows, 12, "every image through the model once");

@@ -49,7 +49,7 @@ pub struct BenchModelArgs {
 /// How the model is run: the server's embedder, or one plain session.
 enum Runner {
     Serving(Arc<OnnxEmbedder>),
-    Plain(PlainSession),
+    Plain(Box<PlainSession>),
 }
 
 impl Runner {
@@ -68,7 +68,7 @@ pub fn run(args: BenchModelArgs) -> anyhow::Result<()> {
     let report = Report { json: args.json };
     let started = Instant::now();
     let runner = if args.plain {
-        Runner::Plain(PlainSession::load(&args.model.model, card.clone(), &options)?)
+        Runner::Plain(Box::new(PlainSession::load(&args.model.model, card.clone(), &options)?))
     } else {
         Runner::Serving(Arc::new(OnnxEmbedder::load(&args.model.model, card.clone(), &options)?))
     };
@@ -212,7 +212,13 @@ fn run_once(runner: &Runner, card: &ModelCard, inputs: &[Vec<f32>], size: usize)
     Ok(())
 }
 
-fn run_sequence(runner: &Runner, card: &ModelCard, inputs: &[Vec<f32>], sizes: &[usize], report: &Report) -> anyhow::Result<()> {
+fn run_sequence(
+    runner: &Runner,
+    card: &ModelCard,
+    inputs: &[Vec<f32>],
+    sizes: &[usize],
+    report: &Report,
+) -> anyhow::Result<()> {
     report.line(json!({"kind": "sequence_start", "provider": runner.provider()}), "each run of the sequence:".into());
     let mut previous = None;
     for (i, &size) in sizes.iter().enumerate() {
@@ -289,7 +295,13 @@ fn throughput(
     Ok(())
 }
 
-fn write_embeddings(runner: &Runner, card: &ModelCard, inputs: &Inputs, out: &Path, report: &Report) -> anyhow::Result<()> {
+fn write_embeddings(
+    runner: &Runner,
+    card: &ModelCard,
+    inputs: &Inputs,
+    out: &Path,
+    report: &Report,
+) -> anyhow::Result<()> {
     anyhow::ensure!(!inputs.names.is_empty(), "--embeddings-out needs --images");
     let flat: Vec<f32> = inputs.tensors.iter().flatten().copied().collect();
     let rows = inputs.tensors.len();

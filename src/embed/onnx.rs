@@ -78,6 +78,9 @@ pub struct OrtOptions {
     /// Batches that may run at once; `None`: the provider's default.
     pub instances: Option<usize>,
     pub cuda: CudaOptions,
+    /// Sessions built for one batch size each; `None`: on CUDA only, where a shape's plans are
+    /// costly (the CPU provider runs every size on one session).
+    pub session_per_size: Option<bool>,
     /// Write ONNX Runtime's profile (JSON) of each session under this path prefix.
     pub profile: Option<PathBuf>,
 }
@@ -94,6 +97,7 @@ impl OrtOptions {
             max_batch: None,
             instances: None,
             cuda: CudaOptions::default(),
+            session_per_size: None,
             profile: None,
         }
     }
@@ -120,11 +124,13 @@ impl ProviderDefaults {
             Ok(Self { batch_sizes, instances: 2, intra_threads: 1 })
         } else {
             // On the CPU a padded row costs as much as a real one and a new shape nothing: every
-            // size up to 8 (larger batches are no faster per image). Instances of 4 threads on
-            // larger machines: one run over 16 threads spends much of its time waking them.
+            // size up to 8 (larger batches are no faster per image). Batches run side by side on
+            // instances of one or two threads rather than one batch over every thread: on 2 cores,
+            // two instances of one thread ingest ~10 % more than one of two (BENCHMARKS.md), and
+            // a run spread over many threads spends its time waking them.
             let batch_sizes = BatchSizes::every_up_to(max_batch.unwrap_or(8)).map_err(sizes)?;
-            let instances = (cores / 4).max(1);
-            Ok(Self { batch_sizes, instances, intra_threads: (cores / instances).max(1) })
+            let intra_threads = if cores >= 8 { 2 } else { 1 };
+            Ok(Self { batch_sizes, instances: (cores / intra_threads).max(1), intra_threads })
         }
     }
 }
@@ -206,7 +212,7 @@ impl OnnxEmbedder {
         let threads = options.intra_threads.unwrap_or(defaults.intra_threads).max(1);
         // CUDA: sessions of one shape each (built for it when the dimension has a name).
         // CPU: sessions that run every size.
-        let plan: Vec<Option<usize>> = if provider == "CUDA" {
+        let plan: Vec<Option<usize>> = if options.session_per_size.unwrap_or(provider == "CUDA") {
             sizes.iter().flat_map(|size| std::iter::repeat_n(Some(size), parallel)).collect()
         } else {
             vec![None; parallel]
@@ -306,9 +312,9 @@ impl OnnxEmbedder {
                 return Ok(session);
             }
         }
-        let instance = serving()
-            .next()
-            .ok_or_else(|| EmbedError::Inference(format!("no session runs batches of {size} (sizes {})", self.sizes)))?;
+        let instance = serving().next().ok_or_else(|| {
+            EmbedError::Inference(format!("no session runs batches of {size} (sizes {})", self.sizes))
+        })?;
         Ok(instance.session.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -333,7 +339,8 @@ impl OnnxEmbedder {
                 binding.bind_input(c.input.as_str(), &copy.map_err(failed)?).map_err(failed)?
             }
         }
-        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput).map_err(failed)?;
+        let cpu =
+            MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput).map_err(failed)?;
         binding.bind_output_to_device(c.embedding_output.as_str(), &cpu).map_err(failed)?;
         let logits_name = c.logits_output.as_deref().filter(|_| with_logits);
         if let Some(name) = logits_name {
@@ -424,7 +431,10 @@ fn probe_batch_dimension(env: &Environment, model: &Path, card: &ModelCard) -> R
         return Err(EmbedError::Card(format!("input {:?} is not a tensor", card.input)));
     };
     if shape.len() != 4 {
-        return Err(EmbedError::Card(format!("input {:?} has shape {shape:?}; an image batch has 4 dimensions", card.input)));
+        return Err(EmbedError::Card(format!(
+            "input {:?} has shape {shape:?}; an image batch has 4 dimensions",
+            card.input
+        )));
     }
     Ok(match (shape[0], dimension_symbols.first()) {
         (fixed, _) if fixed > 0 => BatchDimension::Fixed(fixed as usize),
@@ -539,7 +549,9 @@ pub(super) fn build_session_with(
             .with_execution_providers([ep])
             .map_err(|e| EmbedError::Provider(format!("--device cuda: CUDA could not be registered: {e}")))?
     } else {
-        builder.with_execution_providers([ep::CPU::default().with_arena_allocator(cpu_arena).build()]).map_err(|e| EmbedError::Provider(e.to_string()))?
+        builder
+            .with_execution_providers([ep::CPU::default().with_arena_allocator(cpu_arena).build()])
+            .map_err(|e| EmbedError::Provider(e.to_string()))?
     };
     let mut builder = builder;
     builder.commit_from_file(model).map_err(|e| EmbedError::Model(format!("{}: {e}", model.display())))

@@ -119,7 +119,12 @@ impl QueueSlot {
 
 /// Forms batches on the async runtime, one whenever an instance is free, and hands them to
 /// the instances' threads: the runtime's threads never copy or run the model.
-async fn collect(embedder: Arc<dyn Embedder>, config: BatcherConfig, mut jobs: mpsc::Receiver<Job>, stats: Arc<BatcherStats>) {
+async fn collect(
+    embedder: Arc<dyn Embedder>,
+    config: BatcherConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: Arc<BatcherStats>,
+) {
     let largest = embedder.batch_sizes().largest();
     let instances = embedder.instances().max(1);
     let free = Arc::new(Semaphore::new(instances));
