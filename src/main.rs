@@ -163,14 +163,19 @@ fn migrate_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The engine over a data directory, for commands that work on it offline.
-fn open_offline(storage: &StorageConfig) -> anyhow::Result<Engine> {
+/// The engine over a data directory, for commands that work on it offline; `repair_log` cuts a
+/// damaged log back and continues one that fell behind the store (`check --repair`).
+fn open_offline(storage: &StorageConfig, repair_log: bool) -> anyhow::Result<Engine> {
     let dir = &storage.data_dir;
     anyhow::ensure!(dir.join("sled").exists(), "{} holds no imagelsh database", dir.display());
     let catalog = SledCatalog::open(dir, &SledOptions::default()).with_context(|| open_hint(dir))?;
-    let (engine, recovery) =
-        Engine::open_with(Arc::new(catalog), &dir.join("wal"), DEFAULT_MODEL_DIM, EngineOptions::default())
-            .with_context(|| open_hint(dir))?;
+    let (engine, recovery) = Engine::open_with(
+        Arc::new(catalog),
+        &dir.join("wal"),
+        DEFAULT_MODEL_DIM,
+        EngineOptions { repair_log, ..Default::default() },
+    )
+    .with_context(|| open_hint(dir))?;
     println!("{}: opened; {} logged batches taken back from the log", dir.display(), recovery.replayed);
     Ok(engine)
 }
@@ -185,7 +190,7 @@ fn open_hint(dir: &std::path::Path) -> String {
 }
 
 fn check_data_dir(storage: &StorageConfig, repair: bool) -> anyhow::Result<()> {
-    let engine = open_offline(storage)?;
+    let engine = open_offline(storage, repair)?;
     let reports = engine.check(repair)?;
     engine.close()?;
     let mut unrepaired = 0;
@@ -217,7 +222,7 @@ fn check_data_dir(storage: &StorageConfig, repair: bool) -> anyhow::Result<()> {
 }
 
 fn compact_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
-    let engine = open_offline(storage)?;
+    let engine = open_offline(storage, false)?;
     let report = engine.compact()?;
     engine.close()?;
     println!("removed items' records: {} MB given back", report.reclaimed >> 20);
@@ -257,6 +262,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let options = EngineOptions {
         full_scan_threshold: config.full_scan_threshold_kb.saturating_mul(1024),
         write: config.write.options(config.fsync),
+        repair_log: false,
     };
     let log_dir = config.storage.data_dir.join("wal");
     let started = std::time::Instant::now();

@@ -116,6 +116,7 @@ impl UseCases {
     /// model's (or unset), and then takes the model's center unless told otherwise.
     pub async fn create(&self, new: NewIndex) -> Result<IndexInfo, UseCaseError> {
         let shape = self.engine.shape_for(new.dim, new.hash_bits, new.tables, new.sketch_bits);
+        shape.check_fixed_maxima()?;
         self.limits.check_dim(shape.dim).map_err(|over| UseCaseError::InvalidArgument(over.to_string()))?;
         self.limits.check_plane_memory(&shape).map_err(UseCaseError::TooLarge)?;
         let served = self.pipeline.as_ref().map(|p| p.card()).filter(|card| new.dim == 0 || new.dim == card.dim);

@@ -12,23 +12,21 @@
 //!     IMAGELSH_CRASH_TRIALS=50 cargo test --release --test crash -- --nocapture
 
 mod common;
+#[path = "crash_model/mod.rs"]
+mod crash_model;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Rng, TestServer, batch, create, ingest, query_vector, vector_item};
-use imagelsh::proto::{self, SearchPlan};
+use common::{Rng, TestServer, create};
+use crash_model::{StreamModel, Target, verify, writer};
 
-const INDEX: &str = "crash";
 const DIM: usize = 16;
-const HASH_BITS: u32 = 6;
-const TABLES: u32 = 4;
+const TARGET: Target = Target { index: "crash", dim: DIM, hash_bits: 6, tables: 4, ids_per_stream: 250 };
 const STREAMS: usize = 4;
-const IDS_PER_STREAM: u64 = 250;
 /// Small groups, segments and lag, so that applies, segment rolls and log cuts happen all the time.
 const SERVER_ARGS: &[&str] = &[
     "--no-model",
@@ -60,159 +58,6 @@ const CRASH_POINTS: &[&str] = &[
     "compaction-copied",
     "compaction-swapped",
 ];
-
-/// What an id holds: the version written (its label is `v{version}`), or deleted.
-#[derive(Debug, Clone, PartialEq)]
-enum Fate {
-    Written { version: u64, vector: Vec<f32> },
-    Deleted,
-}
-
-/// What one stream knows: each id's last acknowledged fate, and the write in flight when the
-/// server died (it may or may not have become durable).
-#[derive(Debug, Default)]
-struct StreamModel {
-    acked: HashMap<String, Fate>,
-    in_flight: HashMap<String, Fate>,
-}
-
-fn vector_of(rng: &mut Rng) -> Vec<f32> {
-    (0..DIM).map(|_| rng.unit()).collect()
-}
-
-fn item(id: &str, version: u64, vector: &[f32]) -> proto::Item {
-    let mut item = vector_item(id, format!("v{version}"), vector);
-    item.metadata.insert("version".into(), version.to_string());
-    item
-}
-
-/// Writes until the server stops answering (or `stop` is set): batches of upserts (new ids and
-/// replacements) and deletes, one at a time, each recorded once acknowledged.
-async fn writer(addr: String, stream: usize, seed: u64, mut model: StreamModel, stop: Arc<AtomicBool>) -> StreamModel {
-    let mut rng = Rng::new(seed);
-    let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await else {
-        return model;
-    };
-    let mut client = proto::image_index_client::ImageIndexClient::new(channel);
-    while !stop.load(Ordering::Relaxed) {
-        let op = rng.next_u64() % 10;
-        let count = 1 + (rng.next_u64() % 30) as usize;
-        let ids: Vec<String> = (0..count).map(|_| format!("s{stream}-{}", rng.next_u64() % IDS_PER_STREAM)).collect();
-        if op < 8 {
-            let mut fates = HashMap::new();
-            let items: Vec<proto::Item> = ids
-                .iter()
-                .map(|id| {
-                    let version = rng.next_u64() >> 1;
-                    let vector = vector_of(&mut rng);
-                    // Of a repeated id the last one wins, on the server as here.
-                    fates.insert(id.clone(), Fate::Written { version, vector: vector.clone() });
-                    item(id, version, &vector)
-                })
-                .collect();
-            model.in_flight = fates;
-            match ingest(&mut client, vec![batch(INDEX, 0, items)]).await {
-                Ok(acks) if acks.len() == 1 && acks[0].errors.is_empty() => {
-                    model.acked.extend(model.in_flight.drain());
-                }
-                Ok(acks) => panic!("refused items: {acks:?}"),
-                Err(_) => return model,
-            }
-        } else {
-            model.in_flight = ids.iter().map(|id| (id.clone(), Fate::Deleted)).collect();
-            match client.delete(proto::DeleteRequest { index: INDEX.into(), ids }).await {
-                Ok(_) => model.acked.extend(model.in_flight.drain()),
-                Err(_) => return model,
-            }
-        }
-    }
-    model.in_flight.clear();
-    model
-}
-
-/// Checks every id of the models against the restarted server, and settles each write that was
-/// in flight by what the server holds; returns how many ids were checked.
-async fn verify(server: &TestServer, models: &mut [StreamModel]) -> usize {
-    let mut client = server.client().await;
-    let mut checked = 0;
-    let (mut least, mut most) = (0u64, 0u64);
-    for model in models.iter_mut() {
-        let ids: std::collections::BTreeSet<String> =
-            model.acked.keys().chain(model.in_flight.keys()).cloned().collect();
-        for id in ids {
-            let acked = model.acked.get(&id).cloned().unwrap_or(Fate::Deleted);
-            let in_flight = model.in_flight.get(&id).cloned();
-            let allowed: Vec<Fate> = std::iter::once(acked.clone()).chain(in_flight.clone()).collect();
-            let present = allowed.iter().filter(|f| matches!(f, Fate::Written { .. })).count();
-            least += u64::from(present == allowed.len());
-            most += u64::from(present > 0);
-            let mut held = None;
-            for fate in &allowed {
-                if let Fate::Written { version, vector } = fate
-                    && find(&mut client, &id, *version, vector, checked % 5 == 0).await
-                {
-                    assert!(held.is_none(), "{id}: two versions found");
-                    held = Some(fate.clone());
-                }
-            }
-            let held = match held {
-                Some(fate) => fate,
-                None if present < allowed.len() => {
-                    // Deleted (or never written): none of its vectors finds it.
-                    for fate in &allowed {
-                        if let Fate::Written { vector, .. } = fate {
-                            assert!(!find(&mut client, &id, u64::MAX, vector, false).await, "{id} deleted but found");
-                        }
-                    }
-                    Fate::Deleted
-                }
-                None => panic!("{id}: acknowledged {acked:?}, in flight {in_flight:?}, not found"),
-            };
-            model.acked.insert(id, held);
-            checked += 1;
-        }
-        model.in_flight.clear();
-    }
-    let info = client.get_index(proto::GetIndexRequest { name: INDEX.into() }).await.unwrap().into_inner();
-    assert!((least..=most).contains(&info.items), "{} items, expected {least}..={most}", info.items);
-    checked
-}
-
-/// Whether the item `id` is there with this version: first hit for its own embedding, in
-/// every table, with its label and metadata (with `scan`, by the full-scan plan too). With
-/// `version` u64::MAX: whether any item `id` shows up at all.
-async fn find(
-    client: &mut proto::image_index_client::ImageIndexClient<tonic::transport::Channel>,
-    id: &str,
-    version: u64,
-    vector: &[f32],
-    scan: bool,
-) -> bool {
-    let plans: &[SearchPlan] = if scan { &[SearchPlan::Tables, SearchPlan::Scan] } else { &[SearchPlan::Tables] };
-    let mut found = Vec::new();
-    for &plan in plans {
-        let request = proto::QueryRequest {
-            probes: Some(0),
-            rerank_depth: 1000,
-            plan: plan.into(),
-            ..query_vector(INDEX, vector, 5)
-        };
-        let hits = client.query(request).await.unwrap().into_inner().hits;
-        if version == u64::MAX {
-            found.push(hits.iter().any(|h| h.id == id));
-            continue;
-        }
-        let this = hits.first().filter(|h| h.id == id && h.label == format!("v{version}"));
-        if let Some(hit) = this {
-            assert_eq!(hit.votes, TABLES, "{id} is in {} of {TABLES} tables", hit.votes);
-            assert!(hit.similarity > 0.9999, "{id}: stored embedding differs ({})", hit.similarity);
-            assert_eq!(hit.metadata.get("version"), Some(&version.to_string()), "{id}: metadata");
-        }
-        found.push(this.is_some());
-    }
-    assert!(found.iter().all(|&f| f == found[0]), "{id}: the plans disagree ({found:?})");
-    found[0]
-}
 
 /// Leaves what a write torn by a power cut would: part of a log record after the last one,
 /// garbage, and half an embedding record past the vector file's end.
@@ -248,11 +93,15 @@ async fn acknowledged_writes_survive_kills_at_random_moments() {
         let crash_point = (trial % 4 != 0).then(|| CRASH_POINTS[(trial - trial / 4 - 1) % CRASH_POINTS.len()]);
         // Checkpoints and rewrites come a few times a trial, the other points many times.
         let reached_rarely = |p: &str| p.starts_with("checkpoint") || p.starts_with("compaction");
-        let spec = crash_point.map(|p| format!("{p}:{}", 1 + rng.next_u64() % if reached_rarely(p) { 2 } else { 15 }));
+        // A point on the way to an ack is passed a few times first: each trial kills after acks.
+        let spec = crash_point.map(|p| match reached_rarely(p) {
+            true => format!("{p}:{}", 1 + rng.next_u64() % 2),
+            false => format!("{p}:{}", 4 + rng.next_u64() % 12),
+        });
         let env: Vec<(&str, &str)> = spec.iter().map(|s| ("IMAGELSH_CRASH_AT", s.as_str())).collect();
         let mut server = TestServer::start_with_env(dir.path(), SERVER_ARGS, &env);
         if trial == 0 {
-            create(&mut server.client().await, INDEX, DIM as u32, HASH_BITS, TABLES).await;
+            create(&mut server.client().await, TARGET.index, DIM as u32, TARGET.hash_bits, TARGET.tables).await;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let tasks: Vec<_> = std::mem::take(&mut models)
@@ -260,7 +109,7 @@ async fn acknowledged_writes_survive_kills_at_random_moments() {
             .enumerate()
             .map(|(s, model)| {
                 let seed = rng.next_u64();
-                tokio::spawn(writer(server.addr.clone(), s, seed, model, stop.clone()))
+                tokio::spawn(writer(TARGET, server.addr.clone(), s, seed, model, stop.clone()))
             })
             .collect();
         let how = match &spec {
@@ -280,17 +129,22 @@ async fn acknowledged_writes_survive_kills_at_random_moments() {
         for task in tasks {
             models.push(task.await.unwrap());
         }
+        let acks: u64 = models.iter().map(|m| m.acks).sum();
+        assert!(acks > 0, "trial {trial} ({how}): nothing was acknowledged before the kill");
         let torn = spec.is_none() && trial % 8 == 4;
         if torn {
             tear(dir.path(), &mut rng);
         }
         let segments = std::fs::read_dir(dir.path().join("wal")).unwrap().count();
         let server = TestServer::start_with(dir.path(), SERVER_ARGS);
-        let n = verify(&server, &mut models).await;
-        let acked: usize =
-            models.iter().map(|m| m.acked.values().filter(|f| matches!(f, Fate::Written { .. })).count()).sum();
+        let n = verify(TARGET, &server, &mut models).await;
+        let acked: usize = models.iter().map(StreamModel::live).sum();
+        let deleted: usize = models.iter().map(StreamModel::deleted).sum();
         let torn = if torn { ", torn tail" } else { "" };
-        println!("trial {trial}: {how}{torn}; {segments} log segments left; {n} ids checked, {acked} live");
+        println!(
+            "trial {trial}: {how}{torn}; {acks} acknowledged; {segments} log segments left; {n} ids checked, \
+             {acked} live, {deleted} deleted (queried by their last embedding)"
+        );
         checked += n;
         writes += acked;
         drop(server);

@@ -61,6 +61,11 @@ async fn hostile_requests_get_their_codes_and_the_server_stays_up() {
         };
         assert_refused(client.create_index(request).await, Code::InvalidArgument, "invalid K, L or sketch bits");
     }
+    // Past a fixed maximum a shape is invalid, even where its planes would also be over the memory
+    // limit (checked first: the maximum is the reason).
+    let request = proto::CreateIndexRequest { name: "tables".into(), dim: 1280, tables: 100_000, ..Default::default() };
+    let message = assert_refused(client.create_index(request).await, Code::InvalidArgument, "100,000 tables");
+    assert!(message.contains("tables must be in 1..=256"), "{message}");
     // A long name: refused, and the message quotes only its start.
     let request = proto::CreateIndexRequest { name: "n".repeat(100_000), dim: 8, ..Default::default() };
     let message = assert_refused(client.create_index(request).await, Code::InvalidArgument, "a long name");

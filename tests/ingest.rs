@@ -83,8 +83,12 @@ async fn an_interrupted_job_rerun_indexes_everything_once_with_exact_summaries()
 
     let job = start_ingest(&server.addr, "photos", &refused, &small, &[&folder]);
     wait_for_items(&mut client, "photos", IMAGES / 4).await;
+    // The server holds its answers while the SIGINT lands: the job cannot finish first.
+    server.pause();
     let pid = job.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
     let (code, first) = finish(job, Duration::from_secs(120));
     assert_eq!(code, 130, "an interrupted job says so: {first}");
     assert_eq!(first["interrupted"], true);
@@ -152,6 +156,8 @@ async fn a_job_rides_out_a_server_killed_and_restarted_mid_job() {
     let options = ["--streams", "2", "--batch-items", "8", "--max-retries", "30", "--class-names", names];
     let job = start_ingest(&addr, "idx", &refused, &options, &[&idx]);
     wait_for_items(&mut client, "idx", IMAGES / 4).await;
+    // Paused first: the job cannot finish before the kill, however fast the machine.
+    server.pause();
     server.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = TestServer::start_on(&addr, &data, &[], &[]);

@@ -99,6 +99,8 @@ async fn a_python_job_rides_out_a_server_killed_and_restarted_mid_job() {
         .expect("start the Python job");
     let mut client = lazy_client(&addr);
     wait_for_items(&mut client, "restarted", IMAGES / 4).await;
+    // Paused first: the job cannot finish before the kill, however fast the machine.
+    server.pause();
     server.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = TestServer::start_on(&addr, &data, &[], &[]);
@@ -140,7 +142,11 @@ async fn a_python_job_interrupted_with_sigint_and_rerun_indexes_everything_once(
 
     let job = start_job();
     wait_for_items(&mut client, "interrupted", IMAGES / 4).await;
+    // The server holds its answers while the SIGINT lands: the job cannot finish first.
+    server.pause();
     assert!(Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
     let (code, first) = finish(job);
     assert_eq!((code, &first["interrupted"]), (Some(130), &true.into()), "{first}");
     let indexed = first["indexed"].as_u64().unwrap();

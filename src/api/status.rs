@@ -20,7 +20,10 @@ fn index_status(e: IndexError) -> Status {
         IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
         IndexError::Unavailable(_) => Status::unavailable(e.to_string()),
         IndexError::Store(store) => match store {
-            StoreError::Corrupt(_) | StoreError::Decode(_) => {
+            StoreError::Corrupt(_)
+            | StoreError::Decode(_)
+            | StoreError::LogDamaged { .. }
+            | StoreError::LogBehindStore { .. } => {
                 tracing::error!(error = %store, "stored data failed a check");
                 Status::data_loss(store.to_string())
             }

@@ -42,7 +42,16 @@ pub(crate) fn run_applier(shared: Arc<LogShared>) {
         };
         match apply_pending(&shared) {
             Ok(()) => {}
+            Err(error) if shared.failed() => {
+                tracing::error!(
+                    %error,
+                    "making the store durable failed: no more writes are taken, and the log is kept; restart \
+                     the server to recover every acknowledged write from it"
+                );
+                return;
+            }
             Err(error) => {
+                // A retry is safe: a round applies only batches past each index's stored position.
                 tracing::error!(%error, "applying logged batches to the store failed; they stay in the log");
                 if stopping {
                     return;
@@ -90,12 +99,21 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     for index in shared.indexes() {
         let batches = index.state().unapplied(shared.options.max_apply_operations);
         let Some(&(last, _)) = batches.last() else { continue };
-        let refs: Vec<_> = batches.iter().map(|(_, b)| &**b).collect();
-        match index.store.apply(&refs, last) {
+        // A round that failed after this index's store took its batches (another index's
+        // apply, or the sync) leaves them in the query state: the store's position says which
+        // it holds already, and they are never applied twice.
+        let stored = match index.store.applied_position() {
+            Ok(stored) => stored,
+            Err(StoreError::Dropped(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let fresh: Vec<_> = batches.iter().filter(|(position, _)| *position > stored).map(|(_, b)| &**b).collect();
+        let outcome = if fresh.is_empty() { Ok(()) } else { index.store.apply(&fresh, last) };
+        match outcome {
             Ok(()) => {
                 crate::failpoint::crash_point("group-applied");
-                operations += refs.iter().map(|b| b.items.len() + b.removals.len()).sum::<usize>();
-                let removed: Vec<u32> = refs.iter().flat_map(|b| b.removals.iter().map(|r| r.number)).collect();
+                operations += fresh.iter().map(|b| b.items.len() + b.removals.len()).sum::<usize>();
+                let removed: Vec<u32> = batches.iter().flat_map(|(_, b)| b.removals.iter().map(|r| r.number)).collect();
                 applied.push((index, last, removed));
             }
             // Dropped meanwhile: its batches go with it.
@@ -106,7 +124,13 @@ pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     if applied.is_empty() {
         return Ok(());
     }
-    shared.catalog.sync()?;
+    // A failed sync may have dropped the pages it could not write (Linux marks them clean): a
+    // retry could succeed without them, and the log behind them would then be deleted. Stop
+    // taking writes instead; the next start replays the log (PostgreSQL's fsync rule since 2018).
+    if let Err(e) = shared.catalog.sync() {
+        shared.fail_stop();
+        return Err(e.into());
+    }
     crate::failpoint::crash_point("store-synced");
     for (index, last, _) in &applied {
         index.state_mut().applied(*last);

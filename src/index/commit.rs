@@ -113,8 +113,9 @@ pub(crate) struct LogShared {
 
 struct LogFile {
     wal: Wal,
-    /// Set when a write or fsync of the log failed: what reached the disk is then unknown (a
-    /// failed fsync may have dropped the pages), so nothing more is acknowledged until restart.
+    /// Set when a write or fsync of the log or the store failed: what reached the disk is then
+    /// unknown (a failed fsync may have dropped the pages), so nothing more is acknowledged until
+    /// restart.
     failed: bool,
 }
 
@@ -169,6 +170,27 @@ impl LogShared {
         self.indexes().iter().map(|i| i.state().pending()).sum()
     }
 
+    /// Stops taking writes until the process restarts: something that was to make acknowledged
+    /// writes durable failed, and what reached the disk is unknown.
+    pub(crate) fn fail_stop(&self) {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
+    }
+
+    /// Whether writes stopped after a failure (`fail_stop`, or a failed write of the log).
+    pub(crate) fn failed(&self) -> bool {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).failed
+    }
+
+    /// The position the log's next record will get.
+    pub(crate) fn next_position(&self) -> Position {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.next_position()
+    }
+
+    /// Starts the log afresh at `position` (`Wal::restart_at`).
+    pub(crate) fn restart_log_at(&self, position: Position) -> Result<(), StoreError> {
+        self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.restart_at(position)
+    }
+
     /// The log's directory.
     pub(crate) fn log_dir(&self) -> std::path::PathBuf {
         self.wal.lock().unwrap_or_else(|e| e.into_inner()).wal.dir().to_path_buf()
@@ -176,8 +198,16 @@ impl LogShared {
 
     /// Deletes log segments that every open index has applied.
     pub(crate) fn drop_applied_log(&self) -> Result<(), StoreError> {
-        let first_needed = self.indexes().iter().filter_map(|i| i.state().first_pending()).min();
+        self.drop_applied_log_after(|| {})
+    }
+
+    /// `drop_applied_log`, running `before` first (tests: writes landing just before it).
+    /// What to keep is decided under the log's lock, which the writer holds until every batch
+    /// it wrote is pending in its index: a batch logged meanwhile is never behind `keep_from`.
+    pub(crate) fn drop_applied_log_after(&self, before: impl FnOnce()) -> Result<(), StoreError> {
+        before();
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        let first_needed = self.indexes().iter().filter_map(|i| i.state().first_pending()).min();
         let keep_from = first_needed.unwrap_or(log.wal.next_position());
         log.wal.remove_before(keep_from)?;
         Ok(())
@@ -257,14 +287,17 @@ struct CurrentItem {
 
 fn commit_group(shared: &LogShared, group: Vec<Submission>) {
     let mut view = GroupView::default();
-    let mut ready: Vec<(Submission, StoreBatch, WriteOutcome)> = Vec::new();
+    let mut ready: Vec<(Submission, Arc<StoreBatch>, WriteOutcome)> = Vec::new();
+    // Submissions with nothing to log (ids already gone) are answered with their group: what
+    // they answer may rest on a removal earlier in it, which is not durable before the fsync.
+    let mut nothing_to_log: Vec<(Submission, WriteOutcome)> = Vec::new();
     for mut submission in group {
         let request = std::mem::replace(&mut submission.request, WriteRequest::Delete(Vec::new()));
         match prepare(&submission.index, request, &mut view) {
             Ok((batch, outcome)) if batch.items.is_empty() && batch.removals.is_empty() => {
-                let _ = submission.reply.send(Ok(outcome));
+                nothing_to_log.push((submission, outcome));
             }
-            Ok((batch, outcome)) => ready.push((submission, batch, outcome)),
+            Ok((batch, outcome)) => ready.push((submission, Arc::new(batch), outcome)),
             Err(e) => {
                 let _ = submission.reply.send(Err(e));
             }
@@ -284,54 +317,60 @@ fn commit_group(shared: &LogShared, group: Vec<Submission>) {
     }
     let (ready, refused): (Vec<_>, Vec<_>) =
         ready.into_iter().partition(|(s, _, _)| !failed.contains_key(&s.index.store.uid()));
+    let refusal = |message: &str| IndexError::Store(StoreError::Io(std::io::Error::other(message.to_string())));
     for (submission, _, _) in refused {
-        let message = failed[&submission.index.store.uid()].clone();
-        let _ = submission.reply.send(Err(IndexError::Store(StoreError::Io(std::io::Error::other(message)))));
+        let _ = submission.reply.send(Err(refusal(&failed[&submission.index.store.uid()])));
     }
-    if ready.is_empty() {
-        return;
+    let logged_any = !ready.is_empty();
+    let written = if logged_any { log_group(shared, &ready) } else { Ok(()) };
+    if let Err(e) = &written {
+        tracing::error!(error = %e, "writing the log failed: nothing more is acknowledged");
     }
+    let log_error = written.as_ref().err().map(|e| e.to_string());
+    for (submission, _, outcome) in ready {
+        let _ = submission.reply.send(log_error.as_deref().map_or(Ok(outcome), |m| Err(refusal(m))));
+    }
+    for (submission, outcome) in nothing_to_log {
+        // Refused with the index (or the log) whose earlier removal it may rest on.
+        let message = failed.get(&submission.index.store.uid()).map(String::as_str).or(log_error.as_deref());
+        let _ = submission.reply.send(message.map_or(Ok(outcome), |m| Err(refusal(m))));
+    }
+    if logged_any && written.is_ok() {
+        let mut signal = shared.signal();
+        signal.oldest.get_or_insert_with(Instant::now);
+        shared.work.notify_all();
+    }
+}
+
+/// Writes the group's batches to the log, makes them durable, and hands each to its index's
+/// query state before the log's lock is let go (`drop_applied_log` decides under that lock).
+fn log_group(shared: &LogShared, ready: &[(Submission, Arc<StoreBatch>, WriteOutcome)]) -> Result<(), StoreError> {
     let payloads: Vec<Vec<u8>> =
         ready.iter().map(|(s, batch, _)| encode(s.index.store.uid(), batch).encode_to_vec()).collect();
-    let first = {
-        let mut log = shared.wal.lock().unwrap_or_else(|e| e.into_inner());
-        let written = if log.failed {
-            Err(StoreError::Io(std::io::Error::other(
-                "an earlier write to the log failed; restart the server to recover what was acknowledged",
-            )))
-        } else {
-            crate::failpoint::crash_point("vectors-synced");
-            let appended = log.wal.append(&payloads);
-            crate::failpoint::crash_point("log-written");
-            match shared.options.fsync {
-                true => appended.and_then(|first| log.wal.sync().map(|()| first)),
-                false => appended,
-            }
-        };
-        if written.is_err() {
-            log.failed = true;
-        }
-        written
+    let mut log = shared.wal.lock().unwrap_or_else(|e| e.into_inner());
+    if log.failed {
+        return Err(StoreError::Io(std::io::Error::other(
+            "an earlier write to the log or the store failed; restart the server to recover what was acknowledged",
+        )));
+    }
+    crate::failpoint::crash_point("vectors-synced");
+    let appended = log.wal.append(&payloads);
+    crate::failpoint::crash_point("log-written");
+    let written = match shared.options.fsync {
+        true => appended.and_then(|first| log.wal.sync().map(|()| first)),
+        false => appended,
     };
-    let first = match first {
+    let first = match written {
         Ok(first) => first,
         Err(e) => {
-            tracing::error!(error = %e, "writing the log failed: nothing more is acknowledged");
-            let message = e.to_string();
-            for (submission, _, _) in ready {
-                let error = StoreError::Io(std::io::Error::other(message.clone()));
-                let _ = submission.reply.send(Err(IndexError::Store(error)));
-            }
-            return;
+            log.failed = true;
+            return Err(e);
         }
     };
-    for ((submission, batch, outcome), position) in ready.into_iter().zip(first..) {
-        submission.index.state_mut().logged(position, Arc::new(batch));
-        let _ = submission.reply.send(Ok(outcome));
+    for ((submission, batch, _), position) in ready.iter().zip(first..) {
+        submission.index.state_mut().logged(position, batch.clone());
     }
-    let mut signal = shared.signal();
-    signal.oldest.get_or_insert_with(Instant::now);
-    shared.work.notify_all();
+    Ok(())
 }
 
 /// Decides what a request does: item numbers, which items it replaces or deletes (with their
@@ -504,4 +543,35 @@ pub(crate) fn replay(
         index.store.cut_vectors(next)?;
     }
     Ok(taken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{Engine, IndexSpec, VectorItem};
+    use crate::store::MemoryCatalog;
+
+    /// Loss window 2: a delete answered `deleted: 0` only because an earlier submission of its
+    /// group deleted the id is answered with the group: when the group's log write fails, it
+    /// fails too, and the id stays live.
+    #[test]
+    fn a_delete_resting_on_its_group_is_answered_with_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(Arc::new(MemoryCatalog::new()), &dir.path().join("wal"), 4).unwrap();
+        engine.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 2, ..Default::default() }).unwrap();
+        let index = engine.index("a").unwrap();
+        let item = VectorItem { id: "x".into(), vector: vec![1.0, 2.0, 3.0, 4.0], ..Default::default() };
+        index.ingest(vec![(0, item)]).unwrap();
+        // The next write of the log fails.
+        engine.log.fail_stop();
+        let (first, first_answer) = mpsc::sync_channel(1);
+        let (second, second_answer) = mpsc::sync_channel(1);
+        let delete =
+            |reply| Submission { index: index.clone(), request: WriteRequest::Delete(vec!["x".into()]), reply };
+        commit_group(&engine.log, vec![delete(first), delete(second)]);
+        assert!(first_answer.recv().unwrap().is_err(), "the delete that reached the log");
+        let second = second_answer.recv().unwrap();
+        assert!(second.is_err(), "the delete resting on it was answered {second:?}");
+        assert_eq!(index.state().count(), 1, "x is still live");
+    }
 }

@@ -16,7 +16,7 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<(Self, Recovery), IndexError> {
         let started = std::time::Instant::now();
-        let (wal, records) = Wal::open(log_dir, options.write.segment_bytes)?;
+        let (wal, records) = Wal::open_with(log_dir, options.write.segment_bytes, options.repair_log)?;
         tracing::info!(records = records.len(), ms = started.elapsed().as_millis() as u64, "log read");
         let log = Arc::new(LogShared::new(catalog.clone(), wal, options.write.clone()));
         let mut open = HashMap::new();
@@ -26,6 +26,33 @@ impl Engine {
             let (index, applied) = Index::open(store, log.clone(), options.full_scan_threshold)?;
             by_uid.insert(index.store.uid(), (index.clone(), applied));
             open.insert(def.name, index);
+        }
+        // A log whose positions restarted below what the store applied (its `wal/` lost or
+        // replaced) would have its new records skipped at the next replay: refuse, or with
+        // `repair_log` continue after the store's positions.
+        let behind = by_uid.values().map(|(index, applied)| (*applied, index)).max_by_key(|(applied, _)| *applied);
+        if let Some((applied, index)) = behind.filter(|(applied, _)| *applied >= log.next_position()) {
+            if !options.repair_log {
+                return Err(StoreError::LogBehindStore {
+                    index: index.def().name.clone(),
+                    applied,
+                    log_next: log.next_position(),
+                }
+                .into());
+            }
+            if !records.is_empty() {
+                // Records numbered below the store's positions: which of them were applied is
+                // unknowable, so no repair can be sure to keep them.
+                return Err(StoreError::Corrupt(format!(
+                    "the write-ahead log holds {} records numbered at or below position {applied} that index {:?} \
+                     has applied: restore a backup",
+                    records.len(),
+                    index.def().name
+                ))
+                .into());
+            }
+            tracing::warn!(applied, log_next = log.next_position(), "the log restarts after the store's positions");
+            log.restart_log_at(applied + 1)?;
         }
         tracing::info!(indexes = open.len(), ms = started.elapsed().as_millis() as u64, "query state loaded");
         let replayed = commit::replay(&records, &by_uid)?;
@@ -147,8 +174,12 @@ impl Engine {
         let mut open = self.open_indexes();
         let index = open.get(name).cloned().ok_or_else(|| IndexError::NotFound(name.to_string()))?;
         index.dropped.store(true, Ordering::Release);
-        self.log.unregister(index.store.uid());
+        // The catalog's removal durable first: until then a crash brings the index back, and
+        // its unapplied batches must still be in the log (an unregistered index no longer holds
+        // log segments back).
         index.store.destroy()?;
+        crate::failpoint::crash_point("index-destroyed");
+        self.log.unregister(index.store.uid());
         open.remove(name);
         Ok(())
     }

@@ -88,6 +88,13 @@ impl IndexShape {
         let planes = u64::from(self.hash_bits) * u64::from(self.tables) + u64::from(self.sketch_bits);
         u64::from(self.dim).saturating_mul(planes).saturating_mul(4)
     }
+    /// The shape's fixed maxima (bits per code, tables, sketch bits), checked before the
+    /// configurable limits derived from them: past these a shape is invalid, not too large.
+    pub fn check_fixed_maxima(&self) -> Result<(), IndexError> {
+        LshShape { dim: self.dim.max(1) as usize, hash_bits: self.hash_bits, tables: self.tables }.validate()?;
+        crate::lsh::sketch_shape(self.dim.max(1) as usize, self.sketch_bits)?;
+        Ok(())
+    }
 }
 /// Extra buckets per table a query may visit.
 pub const MAX_PROBES: u32 = 1024;
@@ -281,11 +288,18 @@ pub struct EngineOptions {
     /// Largest index (bytes of sketches) that `SearchPlan::Auto` answers by a full scan (0: never).
     pub full_scan_threshold: u64,
     pub write: WriteOptions,
+    /// Open a damaged log by cutting it back, and continue a log that fell behind the store's
+    /// positions (`imagelsh check --repair`); otherwise either is a start-up error.
+    pub repair_log: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { full_scan_threshold: DEFAULT_FULL_SCAN_THRESHOLD_BYTES, write: WriteOptions::default() }
+        Self {
+            full_scan_threshold: DEFAULT_FULL_SCAN_THRESHOLD_BYTES,
+            write: WriteOptions::default(),
+            repair_log: false,
+        }
     }
 }
 

@@ -81,8 +81,10 @@ pub(super) fn applied_batches_fill_buckets_records_ids_and_counters(catalog: &dy
     let store = create(catalog, &def("a", 2, 2, 128));
     let empty = store.load().unwrap();
     assert_eq!((empty.next, empty.count, empty.applied, empty.sketches.len()), (0, 0, 0, 0));
+    assert_eq!(store.applied_position().unwrap(), 0);
     let first = writes(vec![write(0, "x", &[1, 5], &[1, 2]), write(1, "y", &[1, 6], &[3, 4])]);
     store.apply(&[&first], 7).unwrap();
+    assert_eq!(store.applied_position().unwrap(), 7, "recorded with the batches, before any sync");
     catalog.sync().unwrap();
     assert_eq!((bucket(&*store, 0, 1), bucket(&*store, 1, 6)), (vec![0, 1], vec![1]));
     assert_eq!((store.item_number("x").unwrap(), store.item_number("z").unwrap()), (Some(0), None));

@@ -173,6 +173,11 @@ impl IndexStore for MemoryIndex {
         Ok(())
     }
 
+    fn applied_position(&self) -> Result<u64, StoreError> {
+        self.check_live()?;
+        Ok(self.data().applied)
+    }
+
     fn apply(&self, batches: &[&StoreBatch], position: u64) -> Result<(), StoreError> {
         self.check_live()?;
         let mut data = self.data_mut();

@@ -3,6 +3,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod durable;
 mod keys;
 mod memory;
 pub mod migrate;
@@ -61,6 +62,21 @@ pub enum StoreError {
     ItemNumbersExhausted(String),
     #[error("index {0:?} does not store embeddings")]
     VectorsNotStored(String),
+    /// A log segment other than the last is damaged: records after the damage were
+    /// acknowledged once, so the log is not cut back on its own.
+    #[error(
+        "the write-ahead log segment {segment} is damaged at byte {offset} and {later} later segments \
+         follow it: acknowledged writes may be lost; `imagelsh check --repair` cuts the log back to the \
+         damage (losing what follows it), or restore a backup"
+    )]
+    LogDamaged { segment: std::path::PathBuf, offset: u64, later: usize },
+    /// The log starts past positions the store holds are missing (a lost or replaced `wal/`).
+    #[error(
+        "the write-ahead log ends at position {log_next} but index {index:?} has applied up to \
+         {applied}: the log was lost or replaced; `imagelsh check --repair` continues its positions \
+         after the store's, or restore a backup"
+    )]
+    LogBehindStore { index: String, applied: u64, log_next: u64 },
     /// Another process holds the database open.
     #[error(
         "the database in {0} is in use by another process (an imagelsh server, or `imagelsh check` or \
@@ -243,6 +259,9 @@ pub trait IndexStore: Send + Sync {
     fn sketch_planes(&self) -> Result<Option<Vec<f32>>, StoreError>;
     /// The applied state: counters, liveness and sketches of applied items.
     fn load(&self) -> Result<StoredState, StoreError>;
+    /// The log position of the last batch applied (0: none), as `apply` recorded it: a caller
+    /// that applies again after a failure skips the batches up to it.
+    fn applied_position(&self) -> Result<u64, StoreError>;
     /// Writes the embeddings of items `first, first + 1, …` (not yet durable). A no-op when the
     /// index keeps no embeddings.
     fn write_vectors(&self, first: u32, vectors: &[&[f32]]) -> Result<(), StoreError>;

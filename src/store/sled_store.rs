@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
+use super::durable::{BlobSync, create_dir_durably, sync_blobs, sync_dir};
 use super::keys;
 use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
@@ -63,6 +64,9 @@ struct OpenDb {
     db: sled::Db,
     catalog: sled::Tree,
     db_file: Option<File>,
+    dir: PathBuf,
+    /// sled's large values live in files of their own that sled never fsyncs.
+    blobs: BlobSync,
 }
 
 impl OpenDb {
@@ -77,13 +81,15 @@ impl OpenDb {
         if options.fsync && db_file.is_none() {
             tracing::warn!("sled's data file not found; applied writes rely on sled's flush alone");
         }
-        Ok(Self { db, catalog, db_file })
+        Ok(Self { db, catalog, db_file, dir: sled_dir.to_path_buf(), blobs: BlobSync::default() })
     }
 
-    /// Makes writes durable: sled's flush, then an fsync of its file.
+    /// Makes writes durable: sled's flush, an fsync of the blob files it wrote since the last
+    /// time (before the file whose log refers to them), then an fsync of its file.
     fn commit(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         if let Some(file) = &self.db_file {
+            self.blobs.sync_new(&self.dir)?;
             file.sync_data()?;
         }
         Ok(())
@@ -200,8 +206,25 @@ impl Sled {
         })?;
         // Opened once more and closed, the copy writes its snapshot: its first open is short.
         open_sled(sled::Config::new().path(copy_dir).flush_every_ms(None))?.flush()?;
-        sync_dir(copy_dir)
+        sync_closed(copy_dir)
     }
+}
+
+/// Makes a closed sled database durable whole: its files (blobs first), then their directories
+/// (sled's flush syncs file ranges, not the file's size or its directory entries).
+fn sync_closed(sled_dir: &Path) -> Result<(), StoreError> {
+    sync_blobs(sled_dir, None)?;
+    for entry in std::fs::read_dir(sled_dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(sled_dir)?;
+    if let Some(parent) = sled_dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// sled's name for its default tree (listed by `tree_names` with the others).
@@ -235,10 +258,6 @@ fn recover_rewrite(sled_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    Ok(File::open(dir)?.sync_all()?)
-}
-
 /// Bytes of disk a directory tree takes (allocated blocks).
 fn dir_bytes(path: &Path) -> Result<u64, StoreError> {
     use std::os::unix::fs::MetadataExt;
@@ -263,9 +282,12 @@ impl SledCatalog {
     pub fn open(data_dir: &Path, options: &SledOptions) -> Result<Self, StoreError> {
         let sled_dir = data_dir.join("sled");
         let vectors_dir = data_dir.join("vectors");
-        std::fs::create_dir_all(&vectors_dir)?;
+        create_dir_durably(&vectors_dir)?;
         recover_rewrite(&sled_dir)?;
+        create_dir_durably(&sled_dir)?;
         let open = OpenDb::open(&sled_dir, options)?;
+        // The files sled made at its first open (its main file, the blob directory).
+        sync_dir(&sled_dir)?;
         let sled = Sled {
             dir: sled_dir,
             options: options.clone(),
@@ -284,6 +306,8 @@ impl SledCatalog {
         let before = migrate::stored_version(&db)?;
         let applied = migrate::run(&db)?;
         db.flush()?;
+        drop(db);
+        sync_closed(&data_dir.join("sled"))?;
         Ok((before, applied))
     }
 
@@ -295,7 +319,8 @@ impl SledCatalog {
     pub fn checkpoint_closed(data_dir: &Path) -> Result<(), StoreError> {
         let db = open_sled(sled::Config::new().path(data_dir.join("sled")))?;
         db.flush()?;
-        Ok(())
+        drop(db);
+        sync_closed(&data_dir.join("sled"))
     }
 
     /// Removes trees and vector files of indexes that are not in the catalog: left behind by a
@@ -412,6 +437,13 @@ fn read_u32(tree: &sled::Tree, key: &[u8]) -> Result<u32, StoreError> {
     keys::decode_u32(&v).ok_or_else(|| StoreError::Corrupt("item counter".into()))
 }
 
+fn read_applied(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.get(keys::APPLIED)? {
+        None => Ok(0),
+        Some(v) => keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("applied log position".into())),
+    }
+}
+
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
     let v = tree.get(key)?.ok_or_else(|| StoreError::Corrupt("missing item count".into()))?;
     keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("item count".into()))
@@ -457,7 +489,11 @@ impl Catalog for SledCatalog {
             db.commit()?;
             Ok(record)
         })?;
-        self.open_record(record)
+        let store = self.open_record(record)?;
+        // The new index's record files: their names durable before anything written to them is
+        // acknowledged.
+        sync_dir(&self.vectors_dir)?;
+        Ok(store)
     }
 
     fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError> {
@@ -574,10 +610,7 @@ impl IndexStore for SledIndex {
         self.with_tree(|tree| {
             let next = read_u32(tree, keys::NEXT_ITEM)?;
             let count = read_u64(tree, keys::ITEM_COUNT)?;
-            let applied = match tree.get(keys::APPLIED)? {
-                None => 0,
-                Some(v) => keys::decode_u64(&v).ok_or_else(|| StoreError::Corrupt("applied log position".into()))?,
-            };
+            let applied = read_applied(tree)?;
             let live = live_items(tree, next)?;
             let mut sketches = Vec::new();
             if let Some(file) = &self.sketches {
@@ -590,6 +623,11 @@ impl IndexStore for SledIndex {
             }
             Ok(StoredState { next, count, applied, live, sketches })
         })
+    }
+
+    fn applied_position(&self) -> Result<u64, StoreError> {
+        self.check_live()?;
+        self.with_tree(read_applied)
     }
 
     fn write_vectors(&self, first: u32, vectors: &[&[f32]]) -> Result<(), StoreError> {

@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::StoreError;
+use super::durable::{create_dir_durably, sync_dir};
 
 const HEADER_BYTES: usize = 16;
 /// A record larger than this is garbage, not a record (the largest batch is far smaller).
@@ -54,17 +55,25 @@ impl Wal {
         &self.dir
     }
 
-    /// Opens the log in `dir` (creating it), cuts any torn tail, and returns it with every
-    /// record it holds, oldest first. Starts a new segment once one passes `segment_bytes`.
+    /// Opens the log in `dir` (creating it), cuts a torn tail of its last segment, and returns it
+    /// with every record it holds, oldest first. Starts a new segment once one passes
+    /// `segment_bytes`. Damage anywhere but in the last segment is an error
+    /// (`StoreError::LogDamaged`): the records after it were acknowledged.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, Vec<LogRecord>), StoreError> {
-        std::fs::create_dir_all(dir)?;
+        Self::open_with(dir, segment_bytes, false)
+    }
+
+    /// `open`, and with `repair` a damaged segment that is not the last is cut back like a torn
+    /// tail, its later segments deleted (`imagelsh check --repair`: their records are lost).
+    pub fn open_with(dir: &Path, segment_bytes: u64, repair: bool) -> Result<(Self, Vec<LogRecord>), StoreError> {
+        create_dir_durably(dir)?;
         let mut segments = list_segments(dir)?;
         let mut records = Vec::new();
         let mut expected: Option<Position> = None;
         let mut torn_at: Option<(usize, u64)> = None;
         for (i, segment) in segments.iter().enumerate() {
             if expected.is_some_and(|e| e != segment.first) {
-                // A segment that does not continue the sequence (its predecessor was torn).
+                // A segment that does not continue the sequence: the one before it lost records.
                 torn_at = Some((i, 0));
                 break;
             }
@@ -76,9 +85,16 @@ impl Wal {
             }
         }
         if let Some((i, good_bytes)) = torn_at {
+            // A segment is synced before the next is made, so only the last can have an
+            // unacknowledged tail; a gap or damage before it lost acknowledged records.
+            let later = segments.len() - i - 1;
+            if later > 0 && !repair {
+                return Err(StoreError::LogDamaged { segment: segments[i].path.clone(), offset: good_bytes, later });
+            }
             tracing::warn!(
                 segment = %segments[i].path.display(),
                 offset = good_bytes,
+                later_segments = later,
                 "write-ahead log: dropping a torn or unacknowledged tail"
             );
             let file = OpenOptions::new().write(true).open(&segments[i].path)?;
@@ -100,6 +116,30 @@ impl Wal {
         let active_bytes = active.metadata()?.len();
         sync_dir(dir)?;
         Ok((Self { dir: dir.to_path_buf(), segments, active, active_bytes, segment_bytes, next }, records))
+    }
+
+    /// Starts the log afresh at `position`, past every record it holds, which must all be
+    /// applied (repair of a log that fell behind the store's positions).
+    pub fn restart_at(&mut self, position: Position) -> Result<(), StoreError> {
+        if position < self.next {
+            return Err(StoreError::Corrupt(format!(
+                "the log cannot restart at {position}, before its next position {}",
+                self.next
+            )));
+        }
+        self.active.sync_data()?;
+        let path = segment_path(&self.dir, position);
+        self.active = OpenOptions::new().create(true).append(true).open(&path)?;
+        for old in self.segments.drain(..) {
+            if old.path != path {
+                std::fs::remove_file(&old.path)?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.segments.push(Segment { first: position, path });
+        self.active_bytes = 0;
+        self.next = position;
+        Ok(())
     }
 
     /// The position the next record will get.
@@ -219,12 +259,6 @@ fn parse_record(bytes: &[u8], expected: Position) -> Option<LogRecord> {
     (hasher.finalize() == crc).then(|| LogRecord { position, payload: payload.to_vec() })
 }
 
-/// Makes a directory's entries (created or removed files) durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +310,62 @@ mod tests {
         let (wal, read) = Wal::open(dir.path(), 16).unwrap();
         assert!(read.iter().all(|r| r.position >= 6));
         assert_eq!(wal.next_position(), 7);
+    }
+
+    /// Nine segments of one record each (positions 1–9), written and synced.
+    fn nine_segments(dir: &Path) -> Vec<Segment> {
+        let (mut wal, _) = Wal::open(dir, 1).unwrap();
+        for i in 0..9 {
+            wal.append(&payloads(1, i)).unwrap();
+            wal.sync().unwrap();
+        }
+        list_segments(dir).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_segment_before_the_last_refuses_to_open_and_repair_cuts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = nine_segments(dir.path());
+        assert!(segments.len() >= 3, "{segments:?}");
+        // A flipped byte inside the first segment's first record.
+        let mut bytes = std::fs::read(&segments[0].path).unwrap();
+        bytes[HEADER_BYTES] ^= 0xff;
+        std::fs::write(&segments[0].path, &bytes).unwrap();
+        match Wal::open(dir.path(), 1) {
+            Err(StoreError::LogDamaged { segment, offset: 0, later }) => {
+                assert_eq!((segment, later), (segments[0].path.clone(), segments.len() - 1));
+            }
+            other => panic!("expected LogDamaged, got {other:?}"),
+        }
+        assert_eq!(list_segments(dir.path()).unwrap().len(), segments.len(), "nothing deleted without repair");
+        let (wal, read) = Wal::open_with(dir.path(), 1, true).unwrap();
+        assert!(read.is_empty());
+        assert_eq!(wal.next_position(), 1);
+    }
+
+    #[test]
+    fn a_missing_segment_in_the_middle_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = nine_segments(dir.path());
+        std::fs::remove_file(&segments[1].path).unwrap();
+        assert!(matches!(Wal::open(dir.path(), 1), Err(StoreError::LogDamaged { .. })));
+    }
+
+    #[test]
+    fn a_log_restarted_past_its_records_keeps_the_new_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path(), 1 << 20).unwrap();
+            wal.append(&payloads(3, 0)).unwrap();
+            wal.sync().unwrap();
+            assert!(wal.restart_at(2).is_err(), "never back over its records");
+            wal.restart_at(100).unwrap();
+            assert_eq!(wal.append(&payloads(1, 0)).unwrap(), 100);
+            wal.sync().unwrap();
+        }
+        let (wal, read) = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(read.iter().map(|r| r.position).collect::<Vec<_>>(), vec![100]);
+        assert_eq!(wal.next_position(), 101);
     }
 
     proptest! {

@@ -93,6 +93,20 @@ impl TestServer {
         child.wait().expect("reap");
     }
 
+    /// Stops the server (SIGSTOP): it holds every answer, so a job in flight cannot finish
+    /// while a test interrupts it or kills the server (a point the test controls, whatever
+    /// the machine's speed).
+    pub fn pause(&self) {
+        let status = Command::new("kill").args(["-STOP", &self.pid().to_string()]).status().expect("kill -STOP");
+        assert!(status.success(), "SIGSTOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        let status = Command::new("kill").args(["-CONT", &self.pid().to_string()]).status().expect("kill -CONT");
+        assert!(status.success(), "SIGCONT");
+    }
+
     /// Sends SIGTERM without waiting.
     pub fn terminate(&self) {
         let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill -TERM");
