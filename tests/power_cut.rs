@@ -1,5 +1,6 @@
 //! Power cuts: the server's data directory lives on a file system that forgets every write not
-//! fsynced (`power_cut/fs.rs`, FUSE), streams ingest, replace and delete, and at a random moment
+//! fsynced, and every new name or rename whose directory was not fsynced (`power_cut/fs.rs`,
+//! FUSE), streams ingest, replace and delete, and at a random moment
 //! the server is killed and the power cut; the server restarts on what is left, must open
 //! without repair, and must hold every acknowledged write and delete (the crash harness's
 //! check, `crash_model`). A SIGKILL alone keeps the page cache, so only this test can see a
@@ -75,7 +76,7 @@ async fn acknowledged_writes_survive_power_cuts() {
         let after = 400 + rng.next_u64() % 1600;
         tokio::time::sleep(Duration::from_millis(after)).await;
         server.kill();
-        let lost = power.cut_power();
+        let (lost, undone) = power.cut_power();
         stop.store(true, Ordering::Relaxed);
         for task in tasks {
             models.push(task.await.unwrap());
@@ -87,7 +88,7 @@ async fn acknowledged_writes_survive_power_cuts() {
         let live: usize = models.iter().map(StreamModel::live).sum();
         let deleted: usize = models.iter().map(StreamModel::deleted).sum();
         println!(
-            "trial {trial}: power cut after {after} ms ({acks} acknowledged, {lost} files lost unsynced data); \
+            "trial {trial}: power cut after {after} ms ({acks} acknowledged; {lost} files lost unsynced data, {undone} unsynced names undone); \
              {n} ids checked, {live} live, {deleted} deleted"
         );
         checked += n;

@@ -493,7 +493,8 @@ fn encode(index_uid: u64, batch: &StoreBatch) -> LogBatch {
     }
 }
 
-fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError> {
+/// A log record's index uid and batch.
+pub(crate) fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError> {
     let logged = LogBatch::decode(record.payload.as_slice())?;
     let items = (logged.first..)
         .zip(logged.items)
@@ -521,21 +522,20 @@ fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError> {
     Ok((logged.index_uid, StoreBatch { removals, items }))
 }
 
-/// Takes the log's records back into the indexes' query state: those past each index's applied
-/// position (records of dropped indexes are skipped). Then cuts embedding files back to what
-/// was logged. Returns how many records were taken in.
+/// Takes the log's batches (position, index uid, batch; oldest first) back into the indexes'
+/// query state: those past each index's applied position (batches of dropped indexes are
+/// skipped). Then cuts embedding files back to what was logged. Returns how many were taken in.
 pub(crate) fn replay(
-    records: &[LogRecord],
+    batches: Vec<(Position, u64, StoreBatch)>,
     indexes: &HashMap<u64, (Arc<Index>, Position)>,
 ) -> Result<usize, IndexError> {
     let mut taken = 0;
-    for record in records {
-        let (uid, batch) = decode(record)?;
+    for (position, uid, batch) in batches {
         let Some((index, applied)) = indexes.get(&uid) else { continue };
-        if record.position <= *applied {
+        if position <= *applied {
             continue;
         }
-        index.state_mut().logged(record.position, Arc::new(batch));
+        index.state_mut().logged(position, Arc::new(batch));
         taken += 1;
     }
     for (index, _) in indexes.values() {

@@ -16,14 +16,32 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<(Self, Recovery), IndexError> {
         let started = std::time::Instant::now();
-        let (wal, records) = Wal::open_with(log_dir, options.write.segment_bytes, options.repair_log)?;
-        tracing::info!(records = records.len(), ms = started.elapsed().as_millis() as u64, "log read");
+        let mut stores = Vec::new();
+        let mut applied_by_uid = HashMap::new();
+        for def in catalog.list()? {
+            let store = catalog.open(&def.name)?.ok_or_else(|| IndexError::NotFound(def.name.clone()))?;
+            applied_by_uid.insert(store.uid(), store.applied_position()?);
+            stores.push(store);
+        }
+        // The log is read a segment at a time, and only the batches past their index's applied
+        // position are kept: the memory a start takes is bounded by the log lag, not by the
+        // segments the log retains.
+        let (mut records, mut tail) = (0usize, Vec::new());
+        let wal = Wal::open_streaming(log_dir, options.write.segment_bytes, options.repair_log, &mut |record| {
+            records += 1;
+            let (uid, batch) = commit::decode(&record)?;
+            if applied_by_uid.get(&uid).is_some_and(|&applied| record.position > applied) {
+                tail.push((record.position, uid, batch));
+            }
+            Ok(())
+        })?;
+        tracing::info!(records, kept = tail.len(), ms = started.elapsed().as_millis() as u64, "log read");
         let log = Arc::new(LogShared::new(catalog.clone(), wal, options.write.clone()));
         let mut open = HashMap::new();
         let mut by_uid = HashMap::new();
-        for def in catalog.list()? {
-            let store = catalog.open(&def.name)?.ok_or_else(|| IndexError::NotFound(def.name.clone()))?;
+        for store in stores {
             let (index, applied) = Index::open(store, log.clone(), options.full_scan_threshold)?;
+            let def = index.def().clone();
             by_uid.insert(index.store.uid(), (index.clone(), applied));
             open.insert(def.name, index);
         }
@@ -40,13 +58,13 @@ impl Engine {
                 }
                 .into());
             }
-            if !records.is_empty() {
+            if records > 0 {
                 // Records numbered below the store's positions: which of them were applied is
                 // unknowable, so no repair can be sure to keep them.
                 return Err(StoreError::Corrupt(format!(
                     "the write-ahead log holds {} records numbered at or below position {applied} that index {:?} \
                      has applied: restore a backup",
-                    records.len(),
+                    records,
                     index.def().name
                 ))
                 .into());
@@ -55,7 +73,7 @@ impl Engine {
             log.restart_log_at(applied + 1)?;
         }
         tracing::info!(indexes = open.len(), ms = started.elapsed().as_millis() as u64, "query state loaded");
-        let replayed = commit::replay(&records, &by_uid)?;
+        let replayed = commit::replay(tail, &by_uid)?;
         for index in open.values() {
             log.register(index.clone());
         }

@@ -66,9 +66,25 @@ impl Wal {
     /// `open`, and with `repair` a damaged segment that is not the last is cut back like a torn
     /// tail, its later segments deleted (`imagelsh check --repair`: their records are lost).
     pub fn open_with(dir: &Path, segment_bytes: u64, repair: bool) -> Result<(Self, Vec<LogRecord>), StoreError> {
+        let mut records = Vec::new();
+        let wal = Self::open_streaming(dir, segment_bytes, repair, &mut |record| {
+            records.push(record);
+            Ok(())
+        })?;
+        Ok((wal, records))
+    }
+
+    /// `open_with`, handing each good record to `visit` as its segment is read rather than
+    /// returning them all: one segment is in memory at a time, whatever the log retains.
+    pub fn open_streaming(
+        dir: &Path,
+        segment_bytes: u64,
+        repair: bool,
+        visit: &mut dyn FnMut(LogRecord) -> Result<(), StoreError>,
+    ) -> Result<Self, StoreError> {
         create_dir_durably(dir)?;
         let mut segments = list_segments(dir)?;
-        let mut records = Vec::new();
+        let mut last: Option<Position> = None;
         let mut expected: Option<Position> = None;
         let mut torn_at: Option<(usize, u64)> = None;
         for (i, segment) in segments.iter().enumerate() {
@@ -77,8 +93,9 @@ impl Wal {
                 torn_at = Some((i, 0));
                 break;
             }
-            let (good_bytes, whole) = read_segment(&segment.path, segment.first, &mut records)?;
-            expected = Some(records.last().map_or(segment.first, |r| r.position + 1));
+            let (good_bytes, whole, segment_last) = read_segment(&segment.path, segment.first, visit)?;
+            last = segment_last.or(last);
+            expected = Some(last.map_or(segment.first, |position| position + 1));
             if !whole {
                 torn_at = Some((i, good_bytes));
                 break;
@@ -105,7 +122,7 @@ impl Wal {
             }
             sync_dir(dir)?;
         }
-        let next = records.last().map_or_else(|| segments.last().map_or(1, |s| s.first), |r| r.position + 1);
+        let next = last.map_or_else(|| segments.last().map_or(1, |s| s.first), |position| position + 1);
         let next = next.max(1);
         // Appends go to the last segment, or to a new one when there is none.
         if segments.is_empty() {
@@ -115,7 +132,7 @@ impl Wal {
         let active = OpenOptions::new().create(true).append(true).open(active_path)?;
         let active_bytes = active.metadata()?.len();
         sync_dir(dir)?;
-        Ok((Self { dir: dir.to_path_buf(), segments, active, active_bytes, segment_bytes, next }, records))
+        Ok(Self { dir: dir.to_path_buf(), segments, active, active_bytes, segment_bytes, next })
     }
 
     /// Starts the log afresh at `position`, past every record it holds, which must all be
@@ -226,21 +243,25 @@ fn list_segments(dir: &Path) -> Result<Vec<Segment>, StoreError> {
     Ok(segments)
 }
 
-/// Appends the segment's good records to `out`; returns the bytes they span and whether the
-/// whole file was good.
-fn read_segment(path: &Path, first: Position, out: &mut Vec<LogRecord>) -> Result<(u64, bool), StoreError> {
+/// Hands the segment's good records to `visit`; returns the bytes they span, whether the whole
+/// file was good, and the last good record's position.
+fn read_segment(
+    path: &Path,
+    first: Position,
+    visit: &mut dyn FnMut(LogRecord) -> Result<(), StoreError>,
+) -> Result<(u64, bool, Option<Position>), StoreError> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let (mut offset, mut expected) = (0usize, first);
     while offset < bytes.len() {
         let Some(record) = parse_record(&bytes[offset..], expected) else {
-            return Ok((offset as u64, false));
+            return Ok((offset as u64, false, expected.checked_sub(1).filter(|_| expected > first)));
         };
         offset += HEADER_BYTES + record.payload.len();
         expected += 1;
-        out.push(record);
+        visit(record)?;
     }
-    Ok((offset as u64, true))
+    Ok((offset as u64, true, expected.checked_sub(1).filter(|_| expected > first)))
 }
 
 /// The record at the start of `bytes`, if it is whole, checks out and has position `expected`.

@@ -61,9 +61,18 @@ fn vector_of(rng: &mut Rng, dim: usize) -> Vec<f32> {
     (0..dim).map(|_| rng.unit()).collect()
 }
 
+/// A long note (near the 16 KiB metadata limit) on one item in four: 64 such records make a
+/// record chunk large enough for sled to write it as a blob file of its own.
+fn note_of(version: u64) -> Option<String> {
+    version.is_multiple_of(4).then(|| format!("{version:016x}").repeat(950))
+}
+
 fn item(id: &str, version: u64, vector: &[f32]) -> proto::Item {
     let mut item = vector_item(id, format!("v{version}"), vector);
     item.metadata.insert("version".into(), version.to_string());
+    if let Some(note) = note_of(version) {
+        item.metadata.insert("note".into(), note);
+    }
     item
 }
 
@@ -210,6 +219,7 @@ async fn find(
             assert_eq!(hit.votes, target.tables, "{id} is in {} of {} tables", hit.votes, target.tables);
             assert!(hit.similarity > 0.9999, "{id}: stored embedding differs ({})", hit.similarity);
             assert_eq!(hit.metadata.get("version"), Some(&version.to_string()), "{id}: metadata");
+            assert_eq!(hit.metadata.get("note"), note_of(version).as_ref(), "{id}: its long note");
         }
         found.push(this.is_some());
     }

@@ -1,8 +1,9 @@
 //! A file system that loses what was not fsynced, for power-cut tests (LazyFS's model, built
-//! in-process on FUSE): every name operation (create, mkdir, rename, unlink) passes through to
-//! a backing directory at once, but file data written or truncated stays in this process's
-//! memory until an fsync of that file writes it through. `cut_power` forgets everything not
-//! fsynced, as a machine that loses power forgets its page cache.
+//! in-process on FUSE, and stricter about names): file data written or truncated stays in this
+//! process's memory until an fsync of that file writes it through to a backing directory; names
+//! (create, mkdir, rename) pass through at once but are journalled until an fsync of their
+//! directory. `cut_power` forgets every unsynced write and undoes every unsynced new name and
+//! rename, as a machine that loses power forgets its page cache. Unlinks stay done.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -39,24 +40,75 @@ struct State {
     next_inode: u64,
     files: HashMap<u64, File>,
     unsynced: HashMap<u64, Unsynced>,
+    /// Names made since their directory was last fsynced, oldest first (paths as they are now).
+    names: Vec<NameChange>,
     /// fsyncs of files seen, and bytes of data forgotten by power cuts (for the test's report).
     fsyncs: u64,
+}
+
+/// A name not yet durable: it goes at a power cut unless its directory was fsynced since.
+#[derive(Debug, Clone)]
+enum NameChange {
+    Created(PathBuf),
+    Renamed { from: PathBuf, to: PathBuf },
+}
+
+impl NameChange {
+    /// The directory whose fsync makes the change durable.
+    fn directory(&self) -> &Path {
+        let path = match self {
+            Self::Created(path) => path,
+            Self::Renamed { to, .. } => to,
+        };
+        path.parent().unwrap_or(Path::new(""))
+    }
+}
+
+/// Rewrites `path` if it is `from` or under it.
+fn moved(path: &mut PathBuf, from: &Path, to: &Path) {
+    if let Ok(rest) = path.strip_prefix(from) {
+        *path = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
+    }
 }
 
 /// The handle a test keeps: it cuts the power, and counts.
 #[derive(Clone)]
 pub struct PowerSwitch {
     state: Arc<Mutex<State>>,
+    backing: PathBuf,
 }
 
 impl PowerSwitch {
-    /// Forgets every write not fsynced; returns how many files lost data.
-    pub fn cut_power(&self) -> usize {
+    /// Forgets every write not fsynced and undoes every name change whose directory was not
+    /// fsynced since; returns how many files lost data and how many names were undone.
+    pub fn cut_power(&self) -> (usize, usize) {
         let mut state = lock(&self.state);
         let lost = state.unsynced.len();
         state.unsynced.clear();
         state.files.clear();
-        lost
+        let mut names = std::mem::take(&mut state.names);
+        let undone = names.len();
+        while let Some(change) = names.pop() {
+            match change {
+                NameChange::Created(path) => {
+                    let full = self.backing.join(&path);
+                    let _ = if full.is_dir() { std::fs::remove_dir_all(&full) } else { std::fs::remove_file(&full) };
+                    state.forget_under(&path);
+                }
+                NameChange::Renamed { from, to } => {
+                    if std::fs::rename(self.backing.join(&to), self.backing.join(&from)).is_ok() {
+                        state.rename_paths(&to, &from);
+                        for earlier in &mut names {
+                            match earlier {
+                                NameChange::Created(path) => moved(path, &to, &from),
+                                NameChange::Renamed { to: t, .. } => moved(t, &to, &from),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (lost, undone)
     }
 
     pub fn fsyncs(&self) -> u64 {
@@ -80,7 +132,7 @@ pub fn mount(backing: &Path, mountpoint: &Path) -> std::io::Result<(fuser::Backg
     let fs = PowerCutFs { backing: backing.to_path_buf(), state: state.clone() };
     let options = [MountOption::FSName("imagelsh-powercut".into()), MountOption::RW];
     let session = fuser::spawn_mount2(fs, mountpoint, &options)?;
-    Ok((session, PowerSwitch { state }))
+    Ok((session, PowerSwitch { state, backing: backing.to_path_buf() }))
 }
 
 struct PowerCutFs {
@@ -104,7 +156,16 @@ impl State {
         ino
     }
 
+    /// Forgets `relative` and everything under it.
+    fn forget_under(&mut self, relative: &Path) {
+        let gone: Vec<PathBuf> = self.inodes.keys().filter(|p| p.starts_with(relative)).cloned().collect();
+        for path in gone {
+            self.forget_path(&path);
+        }
+    }
+
     fn forget_path(&mut self, relative: &Path) {
+        self.names.retain(|change| !matches!(change, NameChange::Created(p) if p == relative));
         if let Some(ino) = self.inodes.remove(relative) {
             self.paths.remove(&ino);
             self.files.remove(&ino);
@@ -321,6 +382,7 @@ impl Filesystem for PowerCutFs {
         }
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
         let mut state = lock(&self.state);
+        state.names.push(NameChange::Created(relative.clone()));
         let ino = state.inode_of(relative.clone());
         match self.attr(&state, ino, &relative) {
             Ok(attr) => reply.entry(&TTL, &attr, 0),
@@ -371,6 +433,13 @@ impl Filesystem for PowerCutFs {
                 let mut state = lock(&self.state);
                 state.forget_path(&to);
                 state.rename_paths(&from, &to);
+                for change in &mut state.names {
+                    match change {
+                        NameChange::Created(path) => moved(path, &from, &to),
+                        NameChange::Renamed { to: t, .. } => moved(t, &from, &to),
+                    }
+                }
+                state.names.push(NameChange::Renamed { from, to });
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e)),
@@ -398,6 +467,7 @@ impl Filesystem for PowerCutFs {
     ) {
         let Some(relative) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
         let path = self.backing.join(&relative);
+        let existed = path.exists();
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(true);
         if flags & libc::O_EXCL != 0 {
@@ -409,6 +479,9 @@ impl Filesystem for PowerCutFs {
         };
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777));
         let mut state = lock(&self.state);
+        if !existed {
+            state.names.push(NameChange::Created(relative.clone()));
+        }
         let ino = state.inode_of(relative.clone());
         state.files.insert(ino, file);
         if flags & libc::O_TRUNC != 0 {
@@ -502,8 +575,11 @@ impl Filesystem for PowerCutFs {
         }
     }
 
-    fn fsyncdir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        // Names pass through at once: there is nothing of a directory to lose.
+    fn fsyncdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        let mut state = lock(&self.state);
+        state.fsyncs += 1;
+        let Some(dir) = state.paths.get(&ino).cloned() else { return reply.error(libc::ENOENT) };
+        state.names.retain(|change| change.directory() != dir);
         reply.ok()
     }
 
