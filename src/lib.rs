@@ -15,6 +15,7 @@ pub mod index;
 pub mod limits;
 pub mod lsh;
 pub mod pipeline;
+pub mod sparse;
 pub mod store;
 pub mod telemetry;
 pub mod usecase;

@@ -127,3 +127,64 @@ async fn an_offline_backup_restores_the_same_items() {
     let mut client = again.client().await;
     assert_eq!(client.query(query_id("live", "v3", 10)).await.unwrap().into_inner(), answer, "the same answers");
 }
+
+/// Bytes a file takes on disk (allocated blocks) and its length.
+fn disk_and_length(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.blocks() * 512, meta.len())
+}
+
+/// The embedding file of the one index under `dir`.
+fn embedding_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut files = std::fs::read_dir(dir.join("vectors")).unwrap().map(|e| e.unwrap().path());
+    files.find(|p| p.extension().is_some_and(|x| x == "f32")).expect("an embedding file")
+}
+
+/// Replaced items' records are holes in the embedding file; a backup, taken offline or
+/// streamed from a running server, keeps them holes instead of writing them out as zeros.
+#[tokio::test(flavor = "multi_thread")]
+async fn backups_of_a_churned_index_keep_its_holes() {
+    const WIDE: usize = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data);
+    let mut client = server.client().await;
+    create(&mut client, "churn", WIDE as u32, 8, 4).await;
+    let mut rng = Rng::new(11);
+    for round in 0..4u64 {
+        let items: Vec<_> = (0..300)
+            .map(|i| {
+                let v: Vec<f32> = (0..WIDE).map(|_| rng.unit() - 0.5).collect();
+                vector_item(format!("c{i}"), "l", &v)
+            })
+            .collect();
+        ingest(&mut client, vec![batch("churn", round, items)]).await.unwrap();
+    }
+    drop(client);
+    // A clean stop applies everything and frees the replaced items' records.
+    server.terminate();
+    server.wait(Duration::from_secs(30));
+    let (disk, length) = disk_and_length(&embedding_file(&data));
+    assert!(disk * 2 < length, "the source has holes: {disk} bytes on disk of {length}");
+
+    let offline = dir.path().join("offline");
+    imagelsh(&["backup", "--data-dir", data.to_str().unwrap(), "--to", offline.to_str().unwrap()]);
+    let server = TestServer::start(&data);
+    let online = dir.path().join("online");
+    let url = format!("http://{}", server.addr);
+    let to = online.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || imagelsh(&["backup", "--server", &url, "--to", &to])).await.unwrap();
+    for backup in [&offline, &online] {
+        let (copy_disk, copy_length) = disk_and_length(&embedding_file(backup));
+        assert_eq!(copy_length, length, "{}", backup.display());
+        assert!(copy_disk <= disk + (64 << 10), "{}: {copy_disk} bytes on disk, the source {disk}", backup.display());
+    }
+    let restored = dir.path().join("restored");
+    imagelsh(&["restore", "--from", online.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()]);
+    drop(server);
+    let again = TestServer::start(&restored);
+    let mut client = again.client().await;
+    assert_eq!(client.get_index(proto::GetIndexRequest { name: "churn".into() }).await.unwrap().into_inner().items, 300);
+    assert_eq!(client.query(query_id("churn", "c7", 3)).await.unwrap().into_inner().hits.len(), 3);
+}

@@ -96,7 +96,8 @@ async fn acknowledged_writes_survive_kills_at_random_moments() {
         // A point on the way to an ack is passed a few times first: each trial kills after acks.
         let spec = crash_point.map(|p| match reached_rarely(p) {
             true => format!("{p}:{}", 1 + rng.next_u64() % 2),
-            false => format!("{p}:{}", 4 + rng.next_u64() % 12),
+            // Per submission or per group: past the first groups of every stream.
+            false => format!("{p}:{}", 3 * STREAMS as u64 + rng.next_u64() % 12),
         });
         let env: Vec<(&str, &str)> = spec.iter().map(|s| ("IMAGELSH_CRASH_AT", s.as_str())).collect();
         let mut server = TestServer::start_with_env(dir.path(), SERVER_ARGS, &env);

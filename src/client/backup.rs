@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use super::{Client, ClientError};
+use crate::sparse::SparseWriter;
 use crate::proto;
 
 /// The manifest of a complete backup.
@@ -69,7 +70,8 @@ pub async fn backup_server(client: &mut Client, source: &str, to: &Path) -> Resu
         .await
         .map_err(|status| ClientError::Rpc { context: "backup".into(), status })?
         .into_inner();
-    let mut current: Option<(PathBuf, std::fs::File, u64)> = None;
+    // Files are written sparse: the holes of removed items' records stay holes on this side.
+    let mut current: Option<(PathBuf, SparseWriter)> = None;
     let mut dirs = std::collections::BTreeSet::new();
     loop {
         let chunk = stream.message().await.map_err(|status| ClientError::Rpc { context: "backup".into(), status })?;
@@ -80,8 +82,8 @@ pub async fn backup_server(client: &mut Client, source: &str, to: &Path) -> Resu
             });
         };
         if let Some(done) = chunk.done {
-            if let Some((path, file, _)) = current.take() {
-                file.sync_all().map_err(io(&path))?;
+            if let Some((path, file)) = current.take() {
+                file.finish().map_err(io(&path))?;
             }
             for dir in dirs.iter().chain([&to.to_path_buf()]) {
                 std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
@@ -91,10 +93,10 @@ pub async fn backup_server(client: &mut Client, source: &str, to: &Path) -> Resu
             return Ok(manifest);
         }
         let path = to.join(safe_relative(&chunk.path)?);
-        let same = current.as_ref().is_some_and(|(p, _, _)| *p == path);
+        let same = current.as_ref().is_some_and(|(p, _)| *p == path);
         if !same {
-            if let Some((old, file, _)) = current.take() {
-                file.sync_all().map_err(io(&old))?;
+            if let Some((old, file)) = current.take() {
+                file.finish().map_err(io(&old))?;
             }
             if chunk.offset != 0 {
                 return Err(bad_stream(format!("{} starts at offset {}", chunk.path, chunk.offset)));
@@ -104,14 +106,13 @@ pub async fn backup_server(client: &mut Client, source: &str, to: &Path) -> Resu
                 dirs.insert(parent.to_path_buf());
             }
             let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
-            current = Some((path.clone(), file, 0));
+            current = Some((path.clone(), SparseWriter::new(file)));
         }
-        let Some((path, file, written)) = current.as_mut() else { continue };
-        if chunk.offset != *written {
-            return Err(bad_stream(format!("{} jumps from {written} to {}", chunk.path, chunk.offset)));
+        let Some((path, file)) = current.as_mut() else { continue };
+        if chunk.offset != file.len() {
+            return Err(bad_stream(format!("{} jumps from {} to {}", chunk.path, file.len(), chunk.offset)));
         }
-        file.write_all(&chunk.data).map_err(io(path))?;
-        *written += chunk.data.len() as u64;
+        file.write(&chunk.data).map_err(io(path))?;
     }
 }
 

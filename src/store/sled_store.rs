@@ -530,9 +530,8 @@ impl Catalog for SledCatalog {
         for entry in std::fs::read_dir(&self.vectors_dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file() {
-                let target = vectors.join(entry.file_name());
-                std::fs::copy(entry.path(), &target)?;
-                File::open(&target)?.sync_all()?;
+                // Removed items' records are holes: copied as holes, not as zeros.
+                crate::sparse::copy_sparse(&entry.path(), &vectors.join(entry.file_name()))?;
             }
         }
         sync_dir(&vectors)?;
