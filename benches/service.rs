@@ -414,7 +414,8 @@ async fn replace_heavy((bits, tables_count): (u32, u32), a: &Args, data: &[f32])
     }
     let after_all = dir_bytes(dir.path());
     for part in ["sled", "vectors", "wal"] {
-        println!("  {part}: {} MB", dir_bytes(&dir.path().join(part)) >> 20);
+        let path = dir.path().join(part);
+        println!("  {part}: {} MB on disk, {} MB of file length", dir_bytes(&path) >> 20, dir_length(&path) >> 20);
     }
     let items = rows.len() as f64;
     println!(
@@ -454,4 +455,19 @@ fn main() {
     for &shape in &a.shapes {
         rt.block_on(run(shape, &a, &data, &queries, &truth));
     }
+}
+
+/// Length of all files below `path` (holes included: what a copy that writes holes out takes).
+fn dir_length(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_length(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }

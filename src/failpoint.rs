@@ -31,3 +31,38 @@ pub fn crash_point(name: &str) {
         std::process::abort();
     }
 }
+
+/// A unit test's code to run at a named point, once.
+#[cfg(test)]
+struct TestHook {
+    name: &'static str,
+    run: Box<dyn FnMut()>,
+}
+
+#[cfg(test)]
+thread_local! {
+    static HOOKS: std::cell::RefCell<Vec<TestHook>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs what a unit test of this thread set for `name` (`set_test_hook`): the test opens a
+/// window at a point of the code, deterministically. Nothing outside unit tests.
+pub fn test_hook(name: &str) {
+    #[cfg(test)]
+    {
+        let hook = HOOKS.with(|hooks| {
+            let mut hooks = hooks.borrow_mut();
+            hooks.iter().position(|hook| hook.name == name).map(|i| hooks.remove(i).run)
+        });
+        if let Some(mut hook) = hook {
+            hook();
+        }
+    }
+    #[cfg(not(test))]
+    let _ = name;
+}
+
+/// Runs `hook` once, the next time this thread passes `test_hook(name)`.
+#[cfg(test)]
+pub fn set_test_hook(name: &'static str, hook: impl FnMut() + 'static) {
+    HOOKS.with(|hooks| hooks.borrow_mut().push(TestHook { name, run: Box::new(hook) }));
+}

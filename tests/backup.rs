@@ -185,6 +185,9 @@ async fn backups_of_a_churned_index_keep_its_holes() {
     drop(server);
     let again = TestServer::start(&restored);
     let mut client = again.client().await;
-    assert_eq!(client.get_index(proto::GetIndexRequest { name: "churn".into() }).await.unwrap().into_inner().items, 300);
+    assert_eq!(
+        client.get_index(proto::GetIndexRequest { name: "churn".into() }).await.unwrap().into_inner().items,
+        300
+    );
     assert_eq!(client.query(query_id("churn", "c7", 3)).await.unwrap().into_inner().hits.len(), 3);
 }

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use super::{Client, ClientError};
-use crate::sparse::SparseWriter;
 use crate::proto;
+use crate::sparse::SparseWriter;
 
 /// The manifest of a complete backup.
 pub const MANIFEST: &str = "imagelsh-backup.json";

@@ -93,6 +93,13 @@ pub(crate) fn compact(shared: &LogShared) -> Result<Option<Compaction>, IndexErr
 /// store, one sync, then the query state and the log catch up.
 pub(crate) fn apply_pending(shared: &LogShared) -> Result<(), IndexError> {
     let _applying = shared.applying.lock().unwrap_or_else(|e| e.into_inner());
+    if shared.failed() {
+        // After a failed write or sync nothing moves from the log until a restart.
+        return Err(IndexError::Unavailable(
+            "an earlier write to the log or the store failed; restart the server to recover what was acknowledged"
+                .into(),
+        ));
+    }
     let started = Instant::now();
     let mut applied = Vec::new();
     let mut operations = 0;

@@ -198,6 +198,7 @@ impl Engine {
         index.store.destroy()?;
         crate::failpoint::crash_point("index-destroyed");
         self.log.unregister(index.store.uid());
+        crate::failpoint::test_hook("index-log-released");
         open.remove(name);
         Ok(())
     }

@@ -420,6 +420,12 @@ fn small_log() -> EngineOptions {
     EngineOptions { write, ..Default::default() }
 }
 
+/// An engine over sled in `dir` with `small_log`'s options.
+fn open_small_log(dir: &std::path::Path) -> (Engine, Recovery) {
+    let catalog = SledCatalog::open(dir, &SledOptions { fsync: false, ..Default::default() }).unwrap();
+    Engine::open_with(Arc::new(catalog), &dir.join("wal"), 4, small_log()).unwrap()
+}
+
 fn log_segments(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("wal")).unwrap().count()
 }
@@ -430,10 +436,7 @@ fn log_segments(dir: &std::path::Path) -> usize {
 fn logged_batches_are_queryable_replayed_and_then_applied() {
     let dir = tempfile::tempdir().unwrap();
     let items = spread(300, 4);
-    let open = || {
-        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        Engine::open_with(Arc::new(catalog), &dir.path().join("wal"), 4, small_log()).unwrap()
-    };
+    let open = || open_small_log(dir.path());
     let expected = {
         let (e, recovery) = open();
         assert_eq!(recovery.replayed, 0);
@@ -523,10 +526,7 @@ fn dropped_index_is_not_found_and_name_is_reusable() {
 fn batches_logged_while_the_applied_log_is_dropped_keep_their_segments() {
     let dir = tempfile::tempdir().unwrap();
     let items = spread(200, 4);
-    let open = || {
-        let catalog = SledCatalog::open(dir.path(), &SledOptions { fsync: false, ..Default::default() }).unwrap();
-        Engine::open_with(Arc::new(catalog), &dir.path().join("wal"), 4, small_log()).unwrap()
-    };
+    let open = || open_small_log(dir.path());
     {
         let (e, _) = open();
         e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 3, ..Default::default() }).unwrap();
@@ -601,4 +601,86 @@ fn a_log_behind_the_store_is_refused_and_repair_continues_it() {
     let (e, recovery) = Engine::open_with(catalog(), &wal, 4, small_log()).unwrap();
     assert_eq!(recovery.replayed, 1, "the batch after the repair is replayed, not skipped");
     assert_eq!(e.index("a").unwrap().info().unwrap().items, 40);
+}
+
+/// Loss window 6: once a dropped index lets go of its log (its segments may then be deleted),
+/// its catalog entry is durably gone: a crash right there (here: a panic after the log is cut)
+/// never brings the index back with its logged batches missing.
+#[test]
+fn a_dropped_index_lets_go_of_its_log_only_once_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || open_small_log(dir.path());
+    {
+        let (e, _) = open();
+        e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 3, ..Default::default() }).unwrap();
+        let index = e.index("a").unwrap();
+        for chunk in spread(200, 4).chunks(20) {
+            index.ingest(chunk.to_vec()).unwrap();
+        }
+        let log = e.log.clone();
+        crate::failpoint::set_test_hook("index-log-released", move || {
+            log.drop_applied_log().unwrap();
+            panic!("the process dies here");
+        });
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.drop_index("a")));
+        assert!(dropped.is_err(), "the hook ran");
+        e.abandon();
+    }
+    let (e, _) = open();
+    match e.index("a") {
+        Err(IndexError::NotFound(_)) => {}
+        Ok(index) => panic!("the dropped index came back with {} of 200 items", index.info().unwrap().items),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+/// A catalog whose sync fails on demand (a disk that reports an fsync error).
+struct FailingSync {
+    inner: crate::store::MemoryCatalog,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl crate::store::Catalog for FailingSync {
+    fn create(&self, def: &crate::store::IndexDef, params: IndexParams<'_>) -> Result<Arc<dyn IndexStore>, StoreError> {
+        self.inner.create(def, params)
+    }
+    fn open(&self, name: &str) -> Result<Option<Arc<dyn IndexStore>>, StoreError> {
+        self.inner.open(name)
+    }
+    fn list(&self) -> Result<Vec<crate::store::IndexDef>, StoreError> {
+        self.inner.list()
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        match self.fail.load(Ordering::Relaxed) {
+            true => Err(StoreError::Io(std::io::Error::other("fsync: input/output error"))),
+            false => self.inner.sync(),
+        }
+    }
+}
+
+/// Loss window 5, its second half: after a failed sync of the store nothing more is taken
+/// (a retried fsync could succeed without the pages the failed one dropped), and the log that
+/// holds what was acknowledged is kept for the next start.
+#[test]
+fn a_failed_store_sync_stops_writes_and_keeps_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Arc::new(FailingSync { inner: crate::store::MemoryCatalog::new(), fail: false.into() });
+    let (e, _) = Engine::open_with(catalog.clone(), &dir.path().join("wal"), 4, small_log()).unwrap();
+    e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 3, ..Default::default() }).unwrap();
+    let index = e.index("a").unwrap();
+    let items = spread(100, 4);
+    for chunk in items[..60].chunks(20) {
+        index.ingest(chunk.to_vec()).unwrap();
+    }
+    catalog.fail.store(true, Ordering::Relaxed);
+    assert!(e.apply_now().is_err());
+    catalog.fail.store(false, Ordering::Relaxed);
+    assert!(index.ingest(items[60..].to_vec()).is_err(), "a write after the failed sync was taken");
+    assert!(e.apply_now().is_err(), "nothing is applied, nor the log cut, until a restart");
+    assert!(log_segments(dir.path()) > 0);
+    drop(index);
+    e.abandon();
+    let (e, recovery) = Engine::open_with(catalog, &dir.path().join("wal"), 4, small_log()).unwrap();
+    assert_eq!(recovery.replayed, 0, "the store's copy held them all");
+    assert_eq!(e.index("a").unwrap().info().unwrap().items, 60, "every acknowledged item");
 }
