@@ -2,9 +2,8 @@
 
 use tonic::Status;
 
-use crate::index::IndexError;
+use crate::index::{IndexError, IndexErrorKind};
 use crate::pipeline::BatchError;
-use crate::store::StoreError;
 use crate::usecase::UseCaseError;
 
 impl From<IndexError> for Status {
@@ -14,30 +13,21 @@ impl From<IndexError> for Status {
 }
 
 fn index_status(e: IndexError) -> Status {
-    match e {
-        IndexError::NotFound(_) | IndexError::ItemNotFound { .. } => Status::not_found(e.to_string()),
-        IndexError::AlreadyExists(_) => Status::already_exists(e.to_string()),
-        IndexError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
-        IndexError::Unavailable(_) => Status::unavailable(e.to_string()),
-        IndexError::Store(store) => match store {
-            StoreError::Corrupt(_)
-            | StoreError::Decode(_)
-            | StoreError::LogDamaged { .. }
-            | StoreError::LogBehindStore { .. } => {
-                tracing::error!(error = %store, "stored data failed a check");
-                Status::data_loss(store.to_string())
-            }
-            StoreError::ItemNumbersExhausted(_) => Status::resource_exhausted(store.to_string()),
-            StoreError::LayoutTooNew { .. } | StoreError::InUse(_) => Status::failed_precondition(store.to_string()),
-            StoreError::AlreadyExists(_) => Status::already_exists(store.to_string()),
-            StoreError::Dropped(_) => Status::not_found(store.to_string()),
-            // The domain refuses what needs embeddings before asking the store for them.
-            StoreError::VectorsNotStored(_) => Status::failed_precondition(store.to_string()),
-            StoreError::Backend(_) | StoreError::Io(_) => {
-                tracing::error!(error = %store, "storage failure");
-                Status::internal(format!("storage failure: {store}"))
-            }
-        },
+    match e.kind() {
+        IndexErrorKind::NotFound => Status::not_found(e.to_string()),
+        IndexErrorKind::AlreadyExists => Status::already_exists(e.to_string()),
+        IndexErrorKind::InvalidArgument => Status::invalid_argument(e.to_string()),
+        IndexErrorKind::Unavailable => Status::unavailable(e.to_string()),
+        IndexErrorKind::Exhausted => Status::resource_exhausted(e.to_string()),
+        IndexErrorKind::Precondition => Status::failed_precondition(e.to_string()),
+        IndexErrorKind::Damaged => {
+            tracing::error!(error = %e, "stored data failed a check");
+            Status::data_loss(e.to_string())
+        }
+        IndexErrorKind::Storage => {
+            tracing::error!(error = %e, "storage failure");
+            Status::internal(format!("storage failure: {e}"))
+        }
     }
 }
 
@@ -107,7 +97,9 @@ pub fn bounded(status: Status) -> Status {
 
 #[cfg(test)]
 mod tests {
+    // Store errors reach the api only inside `IndexError`, classified by `IndexError::kind`.
     use super::*;
+    use crate::store::StoreError;
     use tonic::Code;
 
     #[test]

@@ -119,6 +119,51 @@ pub enum IndexError {
     Store(StoreError),
 }
 
+/// What kind of failure an `IndexError` is: what the layers above map it by, without looking
+/// into the store's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexErrorKind {
+    /// An index or item that does not exist (or an index dropped meanwhile).
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    /// Writes are not taken now (shutting down, or stopped after a failed write).
+    Unavailable,
+    /// A bound of the data itself was reached (an index's item numbers).
+    Exhausted,
+    /// The data cannot serve this as it is (a newer layout, a database in use, no embeddings).
+    Precondition,
+    /// Stored data failed a check.
+    Damaged,
+    /// The disk or the storage backend failed.
+    Storage,
+}
+
+impl IndexError {
+    pub fn kind(&self) -> IndexErrorKind {
+        match self {
+            Self::NotFound(_) | Self::ItemNotFound { .. } => IndexErrorKind::NotFound,
+            Self::AlreadyExists(_) => IndexErrorKind::AlreadyExists,
+            Self::InvalidArgument(_) => IndexErrorKind::InvalidArgument,
+            Self::Unavailable(_) => IndexErrorKind::Unavailable,
+            Self::Store(store) => match store {
+                StoreError::Corrupt(_)
+                | StoreError::Decode(_)
+                | StoreError::LogDamaged { .. }
+                | StoreError::LogBehindStore { .. } => IndexErrorKind::Damaged,
+                StoreError::ItemNumbersExhausted(_) => IndexErrorKind::Exhausted,
+                // The domain refuses what needs embeddings before asking the store for them.
+                StoreError::LayoutTooNew { .. } | StoreError::InUse(_) | StoreError::VectorsNotStored(_) => {
+                    IndexErrorKind::Precondition
+                }
+                StoreError::AlreadyExists(_) => IndexErrorKind::AlreadyExists,
+                StoreError::Dropped(_) => IndexErrorKind::NotFound,
+                StoreError::Backend(_) | StoreError::Io(_) => IndexErrorKind::Storage,
+            },
+        }
+    }
+}
+
 impl From<StoreError> for IndexError {
     fn from(e: StoreError) -> Self {
         match e {
