@@ -87,10 +87,11 @@ impl Wal {
         let mut last: Option<Position> = None;
         let mut expected: Option<Position> = None;
         let mut torn_at: Option<(usize, u64)> = None;
+        let mut gap = false;
         for (i, segment) in segments.iter().enumerate() {
             if expected.is_some_and(|e| e != segment.first) {
                 // A segment that does not continue the sequence: the one before it lost records.
-                torn_at = Some((i, 0));
+                (torn_at, gap) = (Some((i, 0)), true);
                 break;
             }
             let (good_bytes, whole, segment_last) = read_segment(&segment.path, segment.first, visit)?;
@@ -105,7 +106,7 @@ impl Wal {
             // A segment is synced before the next is made, so only the last can have an
             // unacknowledged tail; a gap or damage before it lost acknowledged records.
             let later = segments.len() - i - 1;
-            if later > 0 && !repair {
+            if (later > 0 || gap) && !repair {
                 return Err(StoreError::LogDamaged { segment: segments[i].path.clone(), offset: good_bytes, later });
             }
             tracing::warn!(
@@ -365,11 +366,14 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_segment_in_the_middle_refuses_to_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let segments = nine_segments(dir.path());
-        std::fs::remove_file(&segments[1].path).unwrap();
-        assert!(matches!(Wal::open(dir.path(), 1), Err(StoreError::LogDamaged { .. })));
+    fn a_missing_segment_refuses_to_open() {
+        for missing in [1, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            let segments = nine_segments(dir.path());
+            std::fs::remove_file(&segments[missing].path).unwrap();
+            let opened = Wal::open(dir.path(), 1);
+            assert!(matches!(opened, Err(StoreError::LogDamaged { .. })), "segment {missing} missing: {opened:?}");
+        }
     }
 
     #[test]
