@@ -45,8 +45,8 @@ pub(crate) fn run_applier(shared: Arc<LogShared>) {
             Err(error) if shared.failed() => {
                 tracing::error!(
                     %error,
-                    "making the store durable failed: no more writes are taken, and the log is kept; restart \
-                     the server to recover every acknowledged write from it"
+                    "a write to the log or the store failed: no more writes are taken, and the log is kept; \
+                     restart the server to recover every acknowledged write from it"
                 );
                 return;
             }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{Engine, IndexError};
-use crate::store::StoreError;
+use crate::store::{StoreError, sync_dir};
 
 /// What a backup copied.
 #[derive(Debug, Clone)]
@@ -62,10 +62,6 @@ fn copy_synced(from: &Path, to: &Path) -> Result<(), StoreError> {
     std::fs::copy(from, to)?;
     std::fs::File::open(to)?.sync_all()?;
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    Ok(std::fs::File::open(dir)?.sync_all()?)
 }
 
 /// Files and bytes under `dir`.

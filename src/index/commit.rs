@@ -197,15 +197,10 @@ impl LogShared {
     }
 
     /// Deletes log segments that every open index has applied.
-    pub(crate) fn drop_applied_log(&self) -> Result<(), StoreError> {
-        self.drop_applied_log_after(|| {})
-    }
-
-    /// `drop_applied_log`, running `before` first (tests: writes landing just before it).
     /// What to keep is decided under the log's lock, which the writer holds until every batch
     /// it wrote is pending in its index: a batch logged meanwhile is never behind `keep_from`.
-    pub(crate) fn drop_applied_log_after(&self, before: impl FnOnce()) -> Result<(), StoreError> {
-        before();
+    pub(crate) fn drop_applied_log(&self) -> Result<(), StoreError> {
+        crate::failpoint::test_hook("drop-applied-log");
         let mut log = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let first_needed = self.indexes().iter().filter_map(|i| i.state().first_pending()).min();
         let keep_from = first_needed.unwrap_or(log.wal.next_position());
@@ -522,19 +517,16 @@ pub(crate) fn decode(record: &LogRecord) -> Result<(u64, StoreBatch), StoreError
     Ok((logged.index_uid, StoreBatch { removals, items }))
 }
 
-/// Takes the log's batches (position, index uid, batch; oldest first) back into the indexes'
-/// query state: those past each index's applied position (batches of dropped indexes are
-/// skipped). Then cuts embedding files back to what was logged. Returns how many were taken in.
+/// Takes the log's batches (position, index uid, batch; oldest first), which the caller kept
+/// only past their index's applied position, back into the indexes' query state. Then cuts
+/// embedding files back to what was logged. Returns how many were taken in.
 pub(crate) fn replay(
     batches: Vec<(Position, u64, StoreBatch)>,
     indexes: &HashMap<u64, (Arc<Index>, Position)>,
 ) -> Result<usize, IndexError> {
     let mut taken = 0;
     for (position, uid, batch) in batches {
-        let Some((index, applied)) = indexes.get(&uid) else { continue };
-        if position <= *applied {
-            continue;
-        }
+        let Some((index, _)) = indexes.get(&uid) else { continue };
         index.state_mut().logged(position, Arc::new(batch));
         taken += 1;
     }

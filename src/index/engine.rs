@@ -41,9 +41,8 @@ impl Engine {
         let mut by_uid = HashMap::new();
         for store in stores {
             let (index, applied) = Index::open(store, log.clone(), options.full_scan_threshold)?;
-            let def = index.def().clone();
             by_uid.insert(index.store.uid(), (index.clone(), applied));
-            open.insert(def.name, index);
+            open.insert(index.def().name.clone(), index);
         }
         // A log whose positions restarted below what the store applied (its `wal/` lost or
         // replaced) would have its new records skipped at the next replay: refuse, or with

@@ -532,14 +532,14 @@ fn batches_logged_while_the_applied_log_is_dropped_keep_their_segments() {
         e.create(IndexSpec { name: "a".into(), hash_bits: 4, tables: 3, ..Default::default() }).unwrap();
         let index = e.index("a").unwrap();
         e.apply_now().unwrap();
-        e.log
-            .drop_applied_log_after(|| {
-                for chunk in items.chunks(20) {
-                    index.ingest(chunk.to_vec()).unwrap();
-                }
-                assert!(log_segments(dir.path()) > 2, "the groups rolled the log");
-            })
-            .unwrap();
+        let data = dir.path().to_path_buf();
+        crate::failpoint::set_test_hook("drop-applied-log", move || {
+            for chunk in items.chunks(20) {
+                index.ingest(chunk.to_vec()).unwrap();
+            }
+            assert!(log_segments(&data) > 2, "the groups rolled the log");
+        });
+        e.log.drop_applied_log().unwrap();
         e.abandon();
     }
     let (e, recovery) = open();

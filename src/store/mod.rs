@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+pub(crate) use durable::sync_dir;
 pub use memory::MemoryCatalog;
 pub use sled_store::{SledCatalog, SledOptions};
 pub use wal::{LogRecord, Position, Wal};

@@ -254,15 +254,16 @@ fn read_segment(
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let (mut offset, mut expected) = (0usize, first);
+    let last = |expected: Position| (expected > first).then(|| expected - 1);
     while offset < bytes.len() {
         let Some(record) = parse_record(&bytes[offset..], expected) else {
-            return Ok((offset as u64, false, expected.checked_sub(1).filter(|_| expected > first)));
+            return Ok((offset as u64, false, last(expected)));
         };
         offset += HEADER_BYTES + record.payload.len();
         expected += 1;
         visit(record)?;
     }
-    Ok((offset as u64, true, expected.checked_sub(1).filter(|_| expected > first)))
+    Ok((offset as u64, true, last(expected)))
 }
 
 /// The record at the start of `bytes`, if it is whole, checks out and has position `expected`.

@@ -42,7 +42,7 @@ struct State {
     unsynced: HashMap<u64, Unsynced>,
     /// Names made since their directory was last fsynced, oldest first (paths as they are now).
     names: Vec<NameChange>,
-    /// fsyncs of files seen, and bytes of data forgotten by power cuts (for the test's report).
+    /// fsyncs of files and directories seen (for the test's report).
     fsyncs: u64,
 }
 
@@ -65,7 +65,7 @@ impl NameChange {
 }
 
 /// Rewrites `path` if it is `from` or under it.
-fn moved(path: &mut PathBuf, from: &Path, to: &Path) {
+fn moved_path(path: &mut PathBuf, from: &Path, to: &Path) {
     if let Ok(rest) = path.strip_prefix(from) {
         *path = if rest.as_os_str().is_empty() { to.to_path_buf() } else { to.join(rest) };
     }
@@ -100,8 +100,8 @@ impl PowerSwitch {
                         state.rename_paths(&to, &from);
                         for earlier in &mut names {
                             match earlier {
-                                NameChange::Created(path) => moved(path, &to, &from),
-                                NameChange::Renamed { to: t, .. } => moved(t, &to, &from),
+                                NameChange::Created(path) => moved_path(path, &to, &from),
+                                NameChange::Renamed { to: t, .. } => moved_path(t, &to, &from),
                             }
                         }
                     }
@@ -178,8 +178,8 @@ impl State {
         let moved: Vec<(PathBuf, u64)> =
             self.inodes.iter().filter(|(p, _)| p.starts_with(from)).map(|(p, &i)| (p.clone(), i)).collect();
         for (old, ino) in moved {
-            let new = to.join(old.strip_prefix(from).unwrap_or(Path::new("")));
-            let new = if old == from { to.to_path_buf() } else { new };
+            let mut new = old.clone();
+            moved_path(&mut new, from, to);
             self.inodes.remove(&old);
             self.inodes.insert(new.clone(), ino);
             self.paths.insert(ino, new);
@@ -188,6 +188,18 @@ impl State {
 }
 
 impl PowerCutFs {
+    /// Removes a name (a file or an empty directory) at once: removals are not undone.
+    fn remove(&self, parent: u64, name: &OsStr, op: fn(&Path) -> std::io::Result<()>, reply: ReplyEmpty) {
+        let Some(relative) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
+        match op(&self.backing.join(&relative)) {
+            Ok(()) => {
+                lock(&self.state).forget_path(&relative);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn relative(&self, ino: u64) -> Option<PathBuf> {
         lock(&self.state).paths.get(&ino).cloned()
     }
@@ -391,25 +403,11 @@ impl Filesystem for PowerCutFs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match std::fs::remove_file(self.backing.join(&relative)) {
-            Ok(()) => {
-                lock(&self.state).forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, |path| std::fs::remove_file(path), reply)
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(relative) = self.child(parent, name) else { return reply.error(libc::ENOENT) };
-        match std::fs::remove_dir(self.backing.join(&relative)) {
-            Ok(()) => {
-                lock(&self.state).forget_path(&relative);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, |path| std::fs::remove_dir(path), reply)
     }
 
     fn rename(
@@ -435,8 +433,8 @@ impl Filesystem for PowerCutFs {
                 state.rename_paths(&from, &to);
                 for change in &mut state.names {
                     match change {
-                        NameChange::Created(path) => moved(path, &from, &to),
-                        NameChange::Renamed { to: t, .. } => moved(t, &from, &to),
+                        NameChange::Created(path) => moved_path(path, &from, &to),
+                        NameChange::Renamed { to: t, .. } => moved_path(t, &from, &to),
                     }
                 }
                 state.names.push(NameChange::Renamed { from, to });
