@@ -10,6 +10,7 @@ use clap::{ArgAction, Args};
 use crate::embed::{BatchSizes, ConvSearch, CudaOptions, Device, Embedder, OrtOptions};
 use crate::limits::RequestLimits;
 use crate::pipeline::{BatcherConfig, DecodeLimits};
+use crate::store::cluster::{AckLevel, AckPolicy};
 
 /// Embedding size of the default model (EfficientNet-Lite0): the `dim` of an index created
 /// with `dim = 0`.
@@ -20,6 +21,33 @@ pub struct StorageConfig {
     /// Directory of the database and vector files; created if missing.
     #[arg(long, env = "IMAGELSH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+}
+
+/// The shared store, when indexes live on a Valkey/Redis Cluster rather than in --data-dir.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterConfig {
+    /// Keep the indexes on a Valkey/Redis Cluster shared by every replica, given by seed nodes:
+    /// `redis://host:port,host:port,…`. Unset: the embedded sled database in --data-dir.
+    #[arg(long, env = "IMAGELSH_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
+    /// What a write's acknowledgement waits for on the cluster store: `local` (the primaries'
+    /// memory; a failover or power cut can lose it), `replica` (WAIT: also in a replica's
+    /// memory), `replica-fsync` (WAITAOF: fsynced on the primary and a replica; Valkey or
+    /// Redis 7.2+, and fast only with `appendfsync always`). A batch short of it is refused
+    /// UNAVAILABLE and the clients retry.
+    #[arg(long, env = "IMAGELSH_ACK", value_enum, default_value_t = AckLevel::Replica)]
+    pub ack: AckLevel,
+
+    /// How long the acknowledgement waits for replicas before the batch is refused.
+    #[arg(long, env = "IMAGELSH_ACK_TIMEOUT_MS", default_value_t = 2000)]
+    pub ack_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    pub fn ack_policy(&self) -> AckPolicy {
+        AckPolicy { level: self.ack, timeout: Duration::from_millis(self.ack_timeout_ms.max(1)) }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -35,6 +63,9 @@ pub struct ServeConfig {
 
     #[command(flatten)]
     pub storage: StorageConfig,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
 
     #[command(flatten)]
     pub model: ModelConfig,

@@ -7,12 +7,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use imagelsh::api::{self, GuardLimits, Limits, ServeOptions, TlsFiles, TokenSource};
-use imagelsh::config::{DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
+use imagelsh::config::{ClusterConfig, DEFAULT_MODEL_DIM, ModelConfig, PipelineConfig, ServeConfig, StorageConfig};
 use imagelsh::config_file;
 use imagelsh::embed::{Embedder, ModelCard, OnnxEmbedder, OrtOptions};
+use imagelsh::index::SharedEngine;
 use imagelsh::index::{Engine, EngineOptions};
 use imagelsh::pipeline::ImagePipeline;
+use imagelsh::store::cluster::{AckLevel, AckPolicy, ClusterStore};
 use imagelsh::store::{SledCatalog, SledOptions, migrate};
+use imagelsh::usecase::Indexes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -44,13 +47,21 @@ enum Command {
     /// Verify a data directory offline (stop the server first): every item in all L tables, no
     /// bucket entry without an item, counts, ids and embedding checksums; the log is applied
     /// first. Exits with status 2 when something is wrong (and not repaired).
+    /// With --store, checks the indexes on the cluster store instead (servers may run): records
+    /// no id names, stale bucket entries, ids without records, missing entries, counts.
     Check {
         #[command(flatten)]
         storage: StorageConfig,
+        #[command(flatten)]
+        cluster: ClusterConfig,
         /// Fix what is found: bucket entries, counts and ids are rewritten; items whose embedding
         /// is lost are deleted.
         #[arg(long)]
         repair: bool,
+        /// On the cluster store, how long a record or bucket entry found unnamed must stay so
+        /// before repair removes it (an ingest in flight names its items within milliseconds).
+        #[arg(long, default_value_t = 10)]
+        orphan_grace_secs: u64,
     },
     /// Give back the space of replaced and deleted items and rewrite the database, offline
     /// (the server does both by itself while it runs; see --compact-removed-share).
@@ -130,7 +141,11 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(*config))
         }
         Command::Migrate(storage) => migrate_data_dir(&storage),
-        Command::Check { storage, repair } => check_data_dir(&storage, repair),
+        Command::Check { cluster: ClusterConfig { store: Some(url), .. }, repair, orphan_grace_secs, .. } => {
+            let grace = Duration::from_secs(orphan_grace_secs);
+            client_runtime()?.block_on(check_cluster(&url, repair, grace))
+        }
+        Command::Check { storage, repair, .. } => check_data_dir(&storage, repair),
         Command::Compact(storage) => compact_data_dir(&storage),
         Command::BenchModel(args) => cli::bench_model::run(*args),
         Command::Center { model, out, images } => write_center(&model, &out, &images),
@@ -221,6 +236,43 @@ fn check_data_dir(storage: &StorageConfig, repair: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `imagelsh check --store redis://…`: every index on the cluster store.
+async fn check_cluster(url: &str, repair: bool, grace: Duration) -> anyhow::Result<()> {
+    // The repair's writes wait for nothing beyond the primaries: the check reports, and a
+    // second pass confirms.
+    let policy = AckPolicy { level: AckLevel::Local, timeout: Duration::from_secs(2) };
+    let store = ClusterStore::connect(url, policy).await.with_context(|| format!("connecting to {url}"))?;
+    let mut unrepaired = 0u64;
+    for index in store.list().await? {
+        let report = store.check(&index, repair, grace).await?;
+        let p = &report.problems;
+        println!(
+            "index {:?}: {} items, {} bucket entries; {} orphan records, {} stale entries, {} ids without records, \
+             {} missing entries{}{}",
+            report.index,
+            report.items,
+            report.bucket_entries,
+            p.orphan_records,
+            p.stale_entries,
+            p.dangling_ids,
+            p.missing_entries,
+            p.count.map_or(String::new(), |(counted, stored)| format!(", count {stored} stored for {counted}")),
+            if report.repaired { "; repaired" } else { "" }
+        );
+        if !report.repaired {
+            // Orphans and stale entries are invisible to queries: what an interrupted write
+            // leaves, not damage.
+            unrepaired += p.dangling_ids + p.missing_entries + u64::from(p.count.is_some());
+        }
+    }
+    if unrepaired > 0 {
+        println!("{unrepaired} problems found; `--repair` fixes what can be fixed");
+        std::process::exit(2);
+    }
+    println!("ok");
+    Ok(())
+}
+
 fn compact_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
     let engine = open_offline(storage, false)?;
     let report = engine.compact()?;
@@ -237,10 +289,8 @@ fn compact_data_dir(storage: &StorageConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let metrics = imagelsh::telemetry::install()
-        .map_err(|error| tracing::warn!(%error, "no metrics recorder: /metrics answers 503"))
-        .ok();
+/// The embedded store: the data directory's sled database and write-ahead log.
+async fn open_data_dir(config: &ServeConfig, default_dim: u32) -> anyhow::Result<Engine> {
     let options = SledOptions {
         cache_capacity: config.cache_mb << 20,
         fsync: config.fsync,
@@ -252,13 +302,6 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await?
         .with_context(|| open_hint(&config.storage.data_dir))?;
     tracing::info!(ms = started.elapsed().as_millis() as u64, "database open");
-    let pipeline = if config.model.no_model {
-        tracing::info!("no embedding model: serving embeddings only");
-        None
-    } else {
-        Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
-    };
-    let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
     let options = EngineOptions {
         full_scan_threshold: config.full_scan_threshold_kb.saturating_mul(1024),
         write: config.write.options(config.fsync),
@@ -275,7 +318,34 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         ms = started.elapsed().as_millis() as u64,
         "indexes open; logged batches not yet applied taken back from the log"
     );
-    let engine = Arc::new(engine);
+    Ok(engine)
+}
+
+async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let metrics = imagelsh::telemetry::install()
+        .map_err(|error| tracing::warn!(%error, "no metrics recorder: /metrics answers 503"))
+        .ok();
+    let pipeline = if config.model.no_model {
+        tracing::info!("no embedding model: serving embeddings only");
+        None
+    } else {
+        Some(Arc::new(start_pipeline(&config.model, &config.pipeline).await?))
+    };
+    let default_dim = pipeline.as_ref().map_or(DEFAULT_MODEL_DIM, |p| p.card().dim);
+    let (indexes, local): (Indexes, Option<Arc<Engine>>) = match &config.cluster.store {
+        Some(url) => {
+            let policy = config.cluster.ack_policy();
+            let store = ClusterStore::connect(url, policy)
+                .await
+                .with_context(|| format!("connecting to the cluster store {url} (--store)"))?;
+            tracing::info!(store = %url, ack = policy.level.as_str(), ack_timeout_ms = policy.timeout.as_millis() as u64, "indexes on the cluster store");
+            (Arc::new(SharedEngine::new(store, default_dim)).into(), None)
+        }
+        None => {
+            let engine = Arc::new(open_data_dir(&config, default_dim).await?);
+            (engine.clone().into(), Some(engine))
+        }
+    };
 
     let listener =
         TcpListener::bind(&config.listen).await.with_context(|| format!("listening on {}", config.listen))?;
@@ -333,7 +403,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             tracing::warn!(%http_addr, "the HTTP port listens beyond loopback without tokens: anyone may read its metrics and query its indexes");
         }
         let state = api::HttpState {
-            cases: imagelsh::usecase::UseCases::new(engine.clone(), pipeline.clone(), options.requests.clone()),
+            cases: imagelsh::usecase::UseCases::new(indexes.clone(), pipeline.clone(), options.requests.clone()),
             tokens: options.tokens.clone(),
             max_body_bytes: options.limits.max_message_bytes,
             max_calls: options.guard.max_calls,
@@ -347,7 +417,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         });
         tracing::info!(%http_addr, "HTTP port: the web page (/), /metrics, /healthz, /readyz");
     }
-    let mut server = tokio::spawn(api::serve(engine.clone(), pipeline, listener, options, shutdown.clone()));
+    let mut server = tokio::spawn(api::serve(indexes, pipeline, listener, options, shutdown.clone()));
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     tokio::select! {
         result = &mut server => result??,
@@ -358,15 +428,17 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             let _ = server.await;
         }
     }
-    // Everything logged goes into the store, so that the next start replays nothing.
-    tokio::task::spawn_blocking(move || engine.close()).await??;
-    if config.checkpoint_on_shutdown {
-        let started = std::time::Instant::now();
-        let data_dir = config.storage.data_dir.clone();
-        match tokio::task::spawn_blocking(move || SledCatalog::checkpoint_closed(&data_dir)).await? {
-            Ok(()) => tracing::info!(ms = started.elapsed().as_millis(), "database checkpointed for a fast start"),
-            // A call still running past the grace period holds the database: the next start replays the log.
-            Err(error) => tracing::warn!(%error, "no checkpoint; the next start replays the log"),
+    if let Some(engine) = local {
+        // Everything logged goes into the store, so that the next start replays nothing.
+        tokio::task::spawn_blocking(move || engine.close()).await??;
+        if config.checkpoint_on_shutdown {
+            let started = std::time::Instant::now();
+            let data_dir = config.storage.data_dir.clone();
+            match tokio::task::spawn_blocking(move || SledCatalog::checkpoint_closed(&data_dir)).await? {
+                Ok(()) => tracing::info!(ms = started.elapsed().as_millis(), "database checkpointed for a fast start"),
+                // A call still running past the grace period holds the database: the next start replays the log.
+                Err(error) => tracing::warn!(%error, "no checkpoint; the next start replays the log"),
+            }
         }
     }
     tracing::info!("stopped");

@@ -29,6 +29,9 @@ pub const APPLY: &str = "imagelsh_apply_seconds";
 pub const APPLY_ITEMS: &str = "imagelsh_apply_items";
 pub const CHECKPOINT: &str = "imagelsh_checkpoint_seconds";
 pub const COMPACTION: &str = "imagelsh_compaction_seconds";
+pub const CLUSTER_ACKS: &str = "imagelsh_cluster_acks_total";
+pub const CLUSTER_ACK_REPLICAS: &str = "imagelsh_cluster_ack_replicas";
+pub const CLUSTER_ACK: &str = "imagelsh_cluster_ack_seconds";
 
 /// Seconds, from 100 µs to 60 s: queries take ~1 ms, model batches tens of milliseconds,
 /// checkpoints and compactions seconds.
@@ -83,6 +86,15 @@ fn describe() {
     describe_histogram!(APPLY_ITEMS, "Operations (items written and removed) per applied group.");
     describe_histogram!(CHECKPOINT, Unit::Seconds, "Store checkpoints (reads and writes pause meanwhile).");
     describe_histogram!(COMPACTION, Unit::Seconds, "Store rewrites after many removals.");
+    describe_counter!(
+        CLUSTER_ACKS,
+        "Writes acknowledged by the cluster store, by the level obtained (local, replica, replica-fsync)."
+    );
+    describe_gauge!(
+        CLUSTER_ACK_REPLICAS,
+        "Replicas that confirmed the last acknowledged write (the fewest across the primaries asked)."
+    );
+    describe_histogram!(CLUSTER_ACK, Unit::Seconds, "Cluster store: a batch's writes and acknowledgement.");
 }
 
 /// Records `elapsed` in the histogram `name`.

@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::index::{
-    Engine, Index, IndexError, IndexInfo, IndexSpec, IngestOutcome, ItemFailure, Lookup, LookupFields, QueryOptions,
-    QueryResult, RefusalReason, VectorItem,
+    BackupReport, Engine, Index, IndexError, IndexInfo, IndexShape, IndexSize, IndexSpec, IngestOutcome, ItemFailure,
+    Lookup, LookupFields, QueryBy, QueryOptions, QueryResult, RefusalReason, SharedEngine, SharedIndex, VectorItem,
 };
 use crate::limits::{OverLimit, RequestLimits};
 use crate::pipeline::{BatchError, ImageError, ImagePipeline};
+use crate::store::IndexDef;
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum UseCaseError {
     /// A request over a bound on what one call may cost (items in a batch, an index's planes).
     #[error(transparent)]
     TooLarge(OverLimit),
+    /// The call is not one this server's kind of store can answer.
+    #[error("{0}")]
+    NotSupported(String),
     /// Blocking work could not run (its thread panicked or the runtime is going away).
     #[error("internal error: {0}")]
     Internal(String),
@@ -75,39 +79,175 @@ pub struct NewIndex {
     pub thumbnails: bool,
 }
 
-/// The engine and the model a server runs, and the limits its clients must stay within.
+/// The indexes a server serves: a data directory's (embedded sled, with its write-ahead log),
+/// or a cluster store's (shared with other replicas). The use cases below are the same for both.
+#[derive(Clone)]
+pub enum Indexes {
+    Local(Arc<Engine>),
+    Shared(Arc<SharedEngine>),
+}
+
+impl From<Arc<Engine>> for Indexes {
+    fn from(engine: Arc<Engine>) -> Self {
+        Indexes::Local(engine)
+    }
+}
+
+impl From<Arc<SharedEngine>> for Indexes {
+    fn from(engine: Arc<SharedEngine>) -> Self {
+        Indexes::Shared(engine)
+    }
+}
+
+/// One open index of either kind.
+#[derive(Clone)]
+pub enum OpenIndex {
+    Local(Arc<Index>),
+    Shared(Arc<SharedIndex>),
+}
+
+impl OpenIndex {
+    pub fn def(&self) -> &IndexDef {
+        match self {
+            OpenIndex::Local(index) => index.def(),
+            OpenIndex::Shared(index) => index.def(),
+        }
+    }
+
+    fn accepts_model(&self, model: &str, dim: u32) -> Result<(), IndexError> {
+        match self {
+            OpenIndex::Local(index) => index.accepts_model(model, dim),
+            OpenIndex::Shared(index) => index.accepts_model(model, dim),
+        }
+    }
+
+    async fn ingest(self, items: Vec<(u32, VectorItem)>) -> Result<IngestOutcome, UseCaseError> {
+        match self {
+            OpenIndex::Local(index) => blocking(move || index.ingest(items)).await,
+            OpenIndex::Shared(index) => Ok(index.ingest(items).await?),
+        }
+    }
+
+    async fn query(self, by: QueryBy, options: QueryOptions) -> Result<QueryResult, UseCaseError> {
+        match self {
+            OpenIndex::Local(index) => blocking(move || index.query(by, &options)).await,
+            OpenIndex::Shared(index) => Ok(index.query(by, &options).await?),
+        }
+    }
+
+    async fn delete(self, ids: Vec<String>) -> Result<usize, UseCaseError> {
+        match self {
+            OpenIndex::Local(index) => blocking(move || index.delete(&ids)).await,
+            OpenIndex::Shared(index) => Ok(index.delete(&ids).await?),
+        }
+    }
+
+    async fn get_items(self, ids: Vec<String>, fields: LookupFields) -> Result<Lookup, UseCaseError> {
+        match self {
+            OpenIndex::Local(index) => blocking(move || index.get_items(&ids, fields)).await,
+            OpenIndex::Shared(index) => Ok(index.get_items(&ids, fields).await?),
+        }
+    }
+}
+
+/// The indexes and the model a server runs, and the limits its clients must stay within.
 #[derive(Clone)]
 pub struct UseCases {
-    engine: Arc<Engine>,
+    indexes: Indexes,
     /// `None` when the server runs without a model (embeddings only).
     pipeline: Option<Arc<ImagePipeline>>,
     limits: Arc<RequestLimits>,
 }
 
 impl UseCases {
-    pub fn new(engine: Arc<Engine>, pipeline: Option<Arc<ImagePipeline>>, limits: RequestLimits) -> Self {
-        Self { engine, pipeline, limits: Arc::new(limits) }
+    pub fn new(indexes: impl Into<Indexes>, pipeline: Option<Arc<ImagePipeline>>, limits: RequestLimits) -> Self {
+        Self { indexes: indexes.into(), pipeline, limits: Arc::new(limits) }
     }
 
     pub fn limits(&self) -> &RequestLimits {
         &self.limits
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub fn indexes(&self) -> &Indexes {
+        &self.indexes
     }
 
     pub fn pipeline(&self) -> Result<&Arc<ImagePipeline>, UseCaseError> {
         self.pipeline.as_ref().ok_or(UseCaseError::NoModel)
     }
 
-    pub async fn index(&self, name: String) -> Result<Arc<Index>, UseCaseError> {
-        let engine = self.engine.clone();
-        blocking(move || engine.index(&name)).await
+    pub async fn index(&self, name: String) -> Result<OpenIndex, UseCaseError> {
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || engine.index(&name)).await.map(OpenIndex::Local)
+            }
+            Indexes::Shared(engine) => Ok(OpenIndex::Shared(engine.index(&name).await?)),
+        }
+    }
+
+    /// An index's definition and size.
+    pub async fn info(&self, name: String) -> Result<IndexInfo, UseCaseError> {
+        match self.index(name).await? {
+            OpenIndex::Local(index) => blocking(move || index.info()).await,
+            OpenIndex::Shared(index) => Ok(index.info().await?),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<IndexInfo>, UseCaseError> {
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || engine.list()).await
+            }
+            Indexes::Shared(engine) => Ok(engine.list().await?),
+        }
+    }
+
+    pub async fn drop_index(&self, name: String) -> Result<(), UseCaseError> {
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || engine.drop_index(&name)).await
+            }
+            Indexes::Shared(engine) => Ok(engine.drop_index(&name).await?),
+        }
+    }
+
+    /// Each index's size and log lag (for the metrics, at every scrape).
+    pub async fn sizes(&self) -> Result<Vec<IndexSize>, UseCaseError> {
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || Ok(engine.sizes())).await
+            }
+            Indexes::Shared(engine) => Ok(engine.sizes().await?),
+        }
+    }
+
+    /// A consistent copy of the data directory in `dir`. The cluster store keeps no files of
+    /// its own: its servers' snapshots (RDB/AOF) back it up.
+    pub async fn backup(&self, dir: std::path::PathBuf) -> Result<BackupReport, UseCaseError> {
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || engine.backup(&dir)).await
+            }
+            Indexes::Shared(_) => Err(UseCaseError::NotSupported(
+                "this server's indexes are on the cluster store: back up its servers (BGSAVE, AOF) instead".into(),
+            )),
+        }
+    }
+
+    fn shape_for(&self, dim: u32, hash_bits: u32, tables: u32, sketch_bits: u32) -> IndexShape {
+        match &self.indexes {
+            Indexes::Local(engine) => engine.shape_for(dim, hash_bits, tables, sketch_bits),
+            Indexes::Shared(engine) => engine.shape_for(dim, hash_bits, tables, sketch_bits),
+        }
     }
 
     /// The served model's embeddings fit `index`.
-    fn check_model(pipeline: &ImagePipeline, index: &Index) -> Result<(), UseCaseError> {
+    fn check_model(pipeline: &ImagePipeline, index: &OpenIndex) -> Result<(), UseCaseError> {
         let card = pipeline.card();
         Ok(index.accepts_model(&card.name, card.dim)?)
     }
@@ -115,7 +255,7 @@ impl UseCases {
     /// Creates an index. It holds the served model's embeddings when its dimension is the
     /// model's (or unset), and then takes the model's center unless told otherwise.
     pub async fn create(&self, new: NewIndex) -> Result<IndexInfo, UseCaseError> {
-        let shape = self.engine.shape_for(new.dim, new.hash_bits, new.tables, new.sketch_bits);
+        let shape = self.shape_for(new.dim, new.hash_bits, new.tables, new.sketch_bits);
         shape.check_fixed_maxima()?;
         self.limits.check_dim(shape.dim).map_err(|over| UseCaseError::InvalidArgument(over.to_string()))?;
         self.limits.check_plane_memory(&shape).map_err(UseCaseError::TooLarge)?;
@@ -138,8 +278,13 @@ impl UseCases {
             store_vectors: new.store_embeddings,
             thumbnails: new.thumbnails,
         };
-        let engine = self.engine.clone();
-        blocking(move || engine.create(spec)).await
+        match &self.indexes {
+            Indexes::Local(engine) => {
+                let engine = engine.clone();
+                blocking(move || engine.create(spec)).await
+            }
+            Indexes::Shared(engine) => Ok(engine.create(spec).await?),
+        }
     }
 
     /// Ingests one batch: embeddings as they are, images through the model; an item that
@@ -211,7 +356,7 @@ impl UseCases {
         }
         vectors.sort_by_key(|(position, _)| *position);
         let name = index.def().name.clone();
-        let mut outcome = blocking(move || index.ingest(vectors)).await?;
+        let mut outcome = index.ingest(vectors).await?;
         failures.append(&mut outcome.failures);
         failures.sort_by_key(|f| f.position);
         outcome.failures = failures;
@@ -250,7 +395,7 @@ impl UseCases {
         let index = self.index(index).await?;
         let by = self.query_by(&index, input).await?;
         let started = std::time::Instant::now();
-        let result = blocking(move || index.query(by, &options)).await?;
+        let result = index.query(by, options).await?;
         let plan = match result.plan {
             crate::index::SearchPlan::Scan => "scan",
             _ => "tables",
@@ -265,7 +410,7 @@ impl UseCases {
         self.limits.check_batch(ids.len()).map_err(UseCaseError::TooLarge)?;
         ids.iter().try_for_each(|id| self.check_id(id))?;
         let index = self.index(index).await?;
-        blocking(move || index.delete(&ids)).await
+        index.delete(ids).await
     }
 
     /// The stored items with these ids, and the ids the index does not hold.
@@ -278,7 +423,7 @@ impl UseCases {
         self.limits.check_batch(ids.len()).map_err(UseCaseError::TooLarge)?;
         ids.iter().try_for_each(|id| self.check_id(id))?;
         let index = self.index(index).await?;
-        blocking(move || index.get_items(&ids, fields)).await
+        index.get_items(ids, fields).await
     }
 
     fn check_id(&self, id: &str) -> Result<(), UseCaseError> {
@@ -295,8 +440,7 @@ impl UseCases {
     }
 
     /// What to look up in `index`: an image becomes the model's embedding of it.
-    async fn query_by(&self, index: &Index, input: QueryInput) -> Result<crate::index::QueryBy, UseCaseError> {
-        use crate::index::QueryBy;
+    async fn query_by(&self, index: &OpenIndex, input: QueryInput) -> Result<QueryBy, UseCaseError> {
         Ok(match input {
             QueryInput::Embedding(values) => QueryBy::Vector(values),
             QueryInput::Id(id) => QueryBy::Id(id),

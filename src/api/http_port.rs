@@ -81,8 +81,7 @@ async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Res
         return (StatusCode::SERVICE_UNAVAILABLE, "metrics are not recorded in this process\n").into_response();
     };
     // Gauges read at the scrape: sizes and lag from memory, the model's queue.
-    let engine = state.cases.engine().clone();
-    let sizes = tokio::task::spawn_blocking(move || engine.sizes()).await.unwrap_or_default();
+    let sizes = state.cases.sizes().await.unwrap_or_default();
     for size in sizes {
         metrics::gauge!(telemetry::INDEX_ITEMS, "index" => size.name.clone()).set(size.items as f64);
         metrics::gauge!(telemetry::LOG_LAG_ITEMS, "index" => size.name).set(size.unapplied as f64);

@@ -20,10 +20,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::index::Engine;
 use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto::image_index_server::ImageIndexServer;
+use crate::usecase::Indexes;
 pub use auth::{Role, TokenSource, Tokens, TokensError};
 pub use convert::query_call;
 pub use guard::GuardLimits;
@@ -105,7 +105,7 @@ impl Default for Limits {
 /// Around every service, outermost first: the status rewrite (tonic's codes → the contract's),
 /// authentication, then the call limits and deadlines (`guard`); message sizes are tonic's.
 pub async fn serve(
-    engine: Arc<Engine>,
+    indexes: impl Into<Indexes>,
     pipeline: Option<Arc<ImagePipeline>>,
     listener: TcpListener,
     options: ServeOptions,
@@ -132,7 +132,7 @@ pub async fn serve(
             .map_err(|source| ApiError::BackupStaging { path: options.backup_staging.clone(), source })?;
     }
     let service = ImageIndexService::new(
-        engine,
+        indexes.into(),
         pipeline,
         options.requests.clone(),
         options.stream_idle,

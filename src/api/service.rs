@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::index::{Engine, LookupFields};
+use crate::index::LookupFields;
 use crate::limits::RequestLimits;
 use crate::pipeline::ImagePipeline;
 use crate::proto;
 use crate::proto::image_index_server::ImageIndex;
-use crate::usecase::{IncomingItem, NewIndex, UseCaseError, UseCases, blocking};
+use crate::usecase::{IncomingItem, Indexes, NewIndex, UseCaseError, UseCases, blocking};
 
 /// Responses a stream may have queued before the server waits for the client to read them.
 const STREAM_RESPONSE_BUFFER: usize = 4;
@@ -40,14 +40,14 @@ const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 
 impl ImageIndexService {
     pub fn new(
-        engine: Arc<Engine>,
+        indexes: Indexes,
         pipeline: Option<Arc<ImagePipeline>>,
         limits: RequestLimits,
         stream_idle: Duration,
         shutdown: CancellationToken,
         backup_staging: PathBuf,
     ) -> Self {
-        Self { cases: UseCases::new(engine, pipeline, limits), shutdown, stream_idle, backup_staging }
+        Self { cases: UseCases::new(indexes, pipeline, limits), shutdown, stream_idle, backup_staging }
     }
 
     async fn ingest_batch(&self, request: proto::IngestRequest) -> Result<proto::IngestResponse, Status> {
@@ -144,8 +144,7 @@ impl ImageIndex for ImageIndexService {
     }
 
     async fn get_index(&self, request: Request<proto::GetIndexRequest>) -> Result<Response<proto::IndexInfo>, Status> {
-        let index = self.cases.index(request.into_inner().name).await?;
-        let info = blocking(move || index.info()).await?;
+        let info = self.cases.info(request.into_inner().name).await?;
         Ok(Response::new(info.into()))
     }
 
@@ -153,8 +152,7 @@ impl ImageIndex for ImageIndexService {
         &self,
         _: Request<proto::ListIndexesRequest>,
     ) -> Result<Response<proto::ListIndexesResponse>, Status> {
-        let engine = self.cases.engine().clone();
-        let infos = blocking(move || engine.list()).await?;
+        let infos = self.cases.list().await?;
         Ok(Response::new(proto::ListIndexesResponse { indexes: infos.into_iter().map(Into::into).collect() }))
     }
 
@@ -163,9 +161,8 @@ impl ImageIndex for ImageIndexService {
         request: Request<proto::DropIndexRequest>,
     ) -> Result<Response<proto::DropIndexResponse>, Status> {
         let name = request.into_inner().name;
-        let engine = self.cases.engine().clone();
         let dropped = name.clone();
-        blocking(move || engine.drop_index(&name)).await?;
+        self.cases.drop_index(name).await?;
         tracing::info!(index = %dropped, "index dropped");
         Ok(Response::new(proto::DropIndexResponse {}))
     }
@@ -216,9 +213,7 @@ impl ImageIndex for ImageIndexService {
     async fn backup(&self, _: Request<proto::BackupRequest>) -> Result<Response<Self::BackupStream>, Status> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let staging = self.backup_staging.join(format!("{}-{}", stamp.as_secs(), stamp.subsec_nanos()));
-        let engine = self.cases.engine().clone();
-        let dir = staging.clone();
-        let report = match blocking(move || engine.backup(&dir)).await {
+        let report = match self.cases.backup(staging.clone()).await {
             Ok(report) => report,
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&staging);

@@ -42,6 +42,7 @@ fn use_case_status(e: UseCaseError) -> Status {
         UseCaseError::Index(e) => e.into(),
         UseCaseError::Batch(e) => e.into(),
         UseCaseError::NoModel => Status::failed_precondition(e.to_string()),
+        UseCaseError::NotSupported(_) => Status::failed_precondition(e.to_string()),
         UseCaseError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
         UseCaseError::TooLarge(_) => Status::resource_exhausted(e.to_string()),
         UseCaseError::Internal(_) => {

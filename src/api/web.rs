@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::Role;
 use super::http_port::{HttpState, refused};
 use crate::index::{LookupFields, QueryOptions};
-use crate::usecase::{QueryInput, UseCaseError, blocking};
+use crate::usecase::{QueryInput, UseCaseError};
 
 pub const SEARCH_PAGE: &str = include_str!("web/search.html");
 pub const INDEXES_PAGE: &str = include_str!("web/indexes.html");
@@ -56,8 +56,7 @@ pub async fn list(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Re
     if let Some(refusal) = refused(&state.tokens, Role::Read, &headers) {
         return refusal;
     }
-    let engine = state.cases.engine().clone();
-    match blocking(move || engine.list()).await {
+    match state.cases.list().await {
         Ok(infos) => Json(
             infos
                 .into_iter()

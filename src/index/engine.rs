@@ -109,61 +109,20 @@ impl Engine {
     }
 
     pub fn create(&self, spec: IndexSpec) -> Result<IndexInfo, IndexError> {
-        validate_name(&spec.name)?;
         let resolved = self.shape_for(spec.dim, spec.hash_bits, spec.tables, spec.sketch_bits);
-        // Before anything is drawn: a shape from a request must never size an allocation the
-        // process cannot make (the service's configurable limits are below these).
-        if resolved.dim > MAX_DIM || resolved.plane_bytes() > MAX_PLANE_BYTES {
-            return Err(IndexError::InvalidArgument(format!(
-                "an index of dimension {} with these planes would take {} bytes; the limits are dimension \
-                 {MAX_DIM} and {MAX_PLANE_BYTES} bytes",
-                resolved.dim,
-                resolved.plane_bytes()
-            )));
-        }
-        let shape = LshShape { dim: resolved.dim as usize, hash_bits: resolved.hash_bits, tables: resolved.tables };
-        let sketch_bits = resolved.sketch_bits;
-        let mut planes = Hyperplanes::draw(shape, spec.seed)?;
-        let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
-        if let Some(center) = &spec.center {
-            planes = planes.with_center(center)?;
-            sketch = sketch.with_center(center)?;
-        }
-        let def = IndexDef {
-            name: spec.name.clone(),
-            dim: shape.dim as u32,
-            hash_bits: shape.hash_bits,
-            tables: shape.tables,
-            seed: spec.seed,
-            model: spec.model,
-            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            sketch_bits,
-            stores_vectors: spec.store_vectors.unwrap_or(true),
-            thumbnails: spec.thumbnails,
-        };
+        let drawn = DrawnIndex::draw(spec, resolved)?;
         let mut open = self.open_indexes();
-        let params = IndexParams {
-            hyperplanes: &planes.to_row_major(),
-            center: spec.center.as_deref(),
-            sketch_planes: Some(&sketch.to_row_major()),
-        };
-        let store = self.catalog.create(&def, params)?;
+        let store = self.catalog.create(&drawn.def, drawn.params())?;
         let (index, _) = Index::open(store, self.log.clone(), self.full_scan_threshold)?;
         self.log.register(index.clone());
-        open.insert(spec.name, index.clone());
+        open.insert(drawn.def.name, index.clone());
         index.info()
     }
 
     /// A new index's shape, each 0 replaced by its default (the dimension by the default
     /// model's).
     pub fn shape_for(&self, dim: u32, hash_bits: u32, tables: u32, sketch_bits: u32) -> IndexShape {
-        let or = |value: u32, default: u32| if value == 0 { default } else { value };
-        IndexShape {
-            dim: or(dim, self.default_dim),
-            hash_bits: or(hash_bits, DEFAULT_HASH_BITS),
-            tables: or(tables, DEFAULT_TABLES),
-            sketch_bits: or(sketch_bits, DEFAULT_SKETCH_BITS),
-        }
+        IndexShape::with_defaults(dim, hash_bits, tables, sketch_bits, self.default_dim)
     }
 
     /// The open index of that name.
@@ -265,5 +224,72 @@ fn validate_name(name: &str) -> Result<(), IndexError> {
             "index name must be 1 to {MAX_NAME_BYTES} characters of A-Z a-z 0-9 _ - . (got {})",
             crate::limits::quote(name)
         )))
+    }
+}
+
+/// A new index's definition and matrices, drawn from a create request (both engines).
+pub(super) struct DrawnIndex {
+    pub(super) def: IndexDef,
+    pub(super) hyperplanes: Vec<f32>,
+    pub(super) center: Option<Vec<f32>>,
+    pub(super) sketch_planes: Vec<f32>,
+}
+
+impl DrawnIndex {
+    /// Validates the name and the shape (`resolved`: the request's with defaults), then draws.
+    pub(super) fn draw(spec: IndexSpec, resolved: IndexShape) -> Result<Self, IndexError> {
+        validate_name(&spec.name)?;
+        // Before anything is drawn: a shape from a request must never size an allocation the
+        // process cannot make (the service's configurable limits are below these).
+        if resolved.dim > MAX_DIM || resolved.plane_bytes() > MAX_PLANE_BYTES {
+            return Err(IndexError::InvalidArgument(format!(
+                "an index of dimension {} with these planes would take {} bytes; the limits are dimension \
+                 {MAX_DIM} and {MAX_PLANE_BYTES} bytes",
+                resolved.dim,
+                resolved.plane_bytes()
+            )));
+        }
+        let shape = LshShape { dim: resolved.dim as usize, hash_bits: resolved.hash_bits, tables: resolved.tables };
+        let sketch_bits = resolved.sketch_bits;
+        let mut planes = Hyperplanes::draw(shape, spec.seed)?;
+        let mut sketch = draw_sketch_planes(shape.dim, sketch_bits, spec.seed)?;
+        if let Some(center) = &spec.center {
+            planes = planes.with_center(center)?;
+            sketch = sketch.with_center(center)?;
+        }
+        let def = IndexDef {
+            name: spec.name.clone(),
+            dim: shape.dim as u32,
+            hash_bits: shape.hash_bits,
+            tables: shape.tables,
+            seed: spec.seed,
+            model: spec.model,
+            created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            sketch_bits,
+            stores_vectors: spec.store_vectors.unwrap_or(true),
+            thumbnails: spec.thumbnails,
+        };
+        Ok(Self { def, hyperplanes: planes.to_row_major(), center: spec.center, sketch_planes: sketch.to_row_major() })
+    }
+
+    pub(super) fn params(&self) -> IndexParams<'_> {
+        IndexParams {
+            hyperplanes: &self.hyperplanes,
+            center: self.center.as_deref(),
+            sketch_planes: Some(&self.sketch_planes),
+        }
+    }
+}
+
+impl IndexShape {
+    /// A shape with each 0 replaced by its default (the dimension by `default_dim`).
+    pub fn with_defaults(dim: u32, hash_bits: u32, tables: u32, sketch_bits: u32, default_dim: u32) -> Self {
+        let or = |value: u32, default: u32| if value == 0 { default } else { value };
+        IndexShape {
+            dim: or(dim, default_dim),
+            hash_bits: or(hash_bits, DEFAULT_HASH_BITS),
+            tables: or(tables, DEFAULT_TABLES),
+            sketch_bits: or(sketch_bits, DEFAULT_SKETCH_BITS),
+        }
     }
 }

@@ -3,51 +3,67 @@
 
 use super::*;
 
+/// Whether `vector` fits index `def`: its dimension, and values fit to compare.
+pub(super) fn check_vector(def: &IndexDef, vector: &[f32]) -> Result<(), String> {
+    let dim = def.dim as usize;
+    if vector.len() != dim {
+        return Err(format!("embedding has {} values, index {:?} has dimension {dim}", vector.len(), def.name));
+    }
+    check_values(vector)
+}
+
+/// Whether `item` can go into index `def`.
+pub(super) fn check_item(def: &IndexDef, item: &VectorItem) -> Result<(), String> {
+    if item.id.is_empty() {
+        return Err("item id is empty".into());
+    }
+    if item.id.len() > MAX_ID_BYTES {
+        return Err(format!("item id is {} bytes, the limit is {MAX_ID_BYTES}", item.id.len()));
+    }
+    check_vector(def, &item.vector)
+}
+
+/// The valid items of a request, and a failure for each invalid one.
+pub(super) fn split_valid(def: &IndexDef, items: Vec<(u32, VectorItem)>) -> (Vec<VectorItem>, IngestOutcome) {
+    let mut outcome = IngestOutcome::default();
+    let mut valid = Vec::with_capacity(items.len());
+    for (position, item) in items {
+        match check_item(def, &item) {
+            Ok(()) => valid.push(item),
+            Err(message) => {
+                outcome.failures.push(ItemFailure { position, id: item.id, message, reason: RefusalReason::Embedding })
+            }
+        }
+    }
+    (valid, outcome)
+}
+
+/// Codes (one per table) and sketches of `vectors`, a row each.
+pub(super) fn hash_rows(
+    planes: &Hyperplanes,
+    sketch: Option<&Hyperplanes>,
+    vectors: &[&[f32]],
+) -> Result<(Array2<u64>, Option<Array2<u64>>), IndexError> {
+    let dim = planes.shape().dim;
+    let mut flat = Vec::with_capacity(vectors.len() * dim);
+    vectors.iter().for_each(|v| flat.extend_from_slice(v));
+    let batch =
+        Array2::from_shape_vec((vectors.len(), dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))?;
+    let codes = planes.codes(batch.view())?;
+    let sketches = sketch.map(|s| s.codes(batch.view())).transpose()?;
+    Ok((codes, sketches))
+}
+
 impl Index {
-    pub(super) fn check_vector(&self, vector: &[f32]) -> Result<(), String> {
-        let dim = self.def().dim as usize;
-        if vector.len() != dim {
-            return Err(format!(
-                "embedding has {} values, index {:?} has dimension {dim}",
-                vector.len(),
-                self.def().name
-            ));
-        }
-        check_values(vector)
-    }
-
-    fn check_item(&self, item: &VectorItem) -> Result<(), String> {
-        if item.id.is_empty() {
-            return Err("item id is empty".into());
-        }
-        if item.id.len() > MAX_ID_BYTES {
-            return Err(format!("item id is {} bytes, the limit is {MAX_ID_BYTES}", item.id.len()));
-        }
-        self.check_vector(&item.vector)
-    }
-
     /// Indexes the valid items (with their positions in the request) in one atomic write,
     /// durable when this returns; invalid ones come back as failures.
     pub fn ingest(self: &Arc<Self>, items: Vec<(u32, VectorItem)>) -> Result<IngestOutcome, IndexError> {
-        let mut outcome = IngestOutcome::default();
-        let mut valid = Vec::with_capacity(items.len());
-        for (position, item) in items {
-            match self.check_item(&item) {
-                Ok(()) => valid.push(item),
-                Err(message) => outcome.failures.push(ItemFailure {
-                    position,
-                    id: item.id,
-                    message,
-                    reason: RefusalReason::Embedding,
-                }),
-            }
-        }
+        let (valid, mut outcome) = split_valid(self.def(), items);
         if valid.is_empty() {
             return Ok(outcome);
         }
-        let batch = self.batch(valid.iter().map(|i| i.vector.as_slice()), valid.len())?;
-        let codes = self.planes.codes(batch.view())?;
-        let sketches = self.sketch.as_ref().map(|s| s.codes(batch.view())).transpose()?;
+        let vectors: Vec<&[f32]> = valid.iter().map(|i| i.vector.as_slice()).collect();
+        let (codes, sketches) = hash_rows(&self.planes, self.sketch.as_ref(), &vectors)?;
         let prepared: Vec<PreparedItem> = valid
             .into_iter()
             .enumerate()
@@ -65,14 +81,6 @@ impl Index {
         self.log.submit(self.clone(), WriteRequest::Upsert(prepared))?;
         outcome.indexed = count;
         Ok(outcome)
-    }
-
-    /// `rows` vectors as one `rows × dim` matrix.
-    fn batch<'a>(&self, vectors: impl Iterator<Item = &'a [f32]>, rows: usize) -> Result<Array2<f32>, IndexError> {
-        let dim = self.def().dim as usize;
-        let mut flat = Vec::with_capacity(rows * dim);
-        vectors.for_each(|v| flat.extend_from_slice(v));
-        Array2::from_shape_vec((rows, dim), flat).map_err(|e| IndexError::InvalidArgument(e.to_string()))
     }
 
     /// Deletes the items with these ids, durably; returns how many existed.

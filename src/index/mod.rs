@@ -21,6 +21,7 @@ mod lookup;
 mod maintain;
 mod query;
 mod rank;
+mod shared;
 mod state;
 
 use std::cell::RefCell;
@@ -37,6 +38,7 @@ use commit::{LogShared, PreparedItem, WriteRequest};
 pub use lookup::{FoundItem, Lookup, LookupFields};
 pub use maintain::{CompactReport, IndexCheck, Problem};
 use rank::{Candidate, QuerySketch, Ranked, best_first};
+pub use shared::{SharedEngine, SharedIndex};
 use state::{QueryState, TailId};
 
 use ndarray::Array2;
@@ -159,6 +161,7 @@ impl IndexError {
                 StoreError::AlreadyExists(_) => IndexErrorKind::AlreadyExists,
                 StoreError::Dropped(_) => IndexErrorKind::NotFound,
                 StoreError::Backend(_) | StoreError::Io(_) => IndexErrorKind::Storage,
+                StoreError::Unavailable(_) => IndexErrorKind::Unavailable,
             },
         }
     }
@@ -398,22 +401,7 @@ impl Index {
         full_scan_threshold: u64,
     ) -> Result<(Arc<Self>, Position), IndexError> {
         let def = store.def().clone();
-        let name = &def.name;
-        let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
-        let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
-        let mut planes = Hyperplanes::from_row_major(shape, store.hyperplanes()?).map_err(corrupt)?;
-        let mut sketch = match (def.sketch_bits, store.sketch_planes()?) {
-            (0, _) => None,
-            (bits, Some(matrix)) => {
-                let shape = sketch_shape(shape.dim, bits).map_err(corrupt)?;
-                Some(Hyperplanes::from_row_major(shape, matrix).map_err(corrupt)?)
-            }
-            (_, None) => return Err(StoreError::Corrupt(format!("index {name:?} lacks its sketch hyperplanes")).into()),
-        };
-        if let Some(center) = store.center()? {
-            planes = planes.with_center(&center).map_err(corrupt)?;
-            sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
-        }
+        let (planes, sketch) = planes_of(&def, store.hyperplanes()?, store.center()?, store.sketch_planes()?)?;
         let stored = store.load()?;
         let applied = stored.applied;
         let state = QueryState::new(stored, def.tables as usize, def.sketch_bits as usize / 64);
@@ -455,20 +443,7 @@ impl Index {
 
     /// Whether embeddings of `model` (of dimension `dim`) belong in this index.
     pub fn accepts_model(&self, model: &str, dim: u32) -> Result<(), IndexError> {
-        let def = self.def();
-        if def.dim != dim {
-            return Err(IndexError::InvalidArgument(format!(
-                "index {:?} has dimension {}, the model {model:?} produces {dim}",
-                def.name, def.dim
-            )));
-        }
-        if !def.model.is_empty() && def.model != model {
-            return Err(IndexError::InvalidArgument(format!(
-                "index {:?} holds embeddings of model {:?}, this server runs {model:?}",
-                def.name, def.model
-            )));
-        }
-        Ok(())
+        accepts_model(self.def(), model, dim)
     }
 
     /// Frees the records of items that the applied batches removed (and of removed neighbours,
@@ -552,6 +527,49 @@ impl Index {
         items.extend(self.store.items(&applied)?);
         Ok(items)
     }
+}
+
+/// Whether embeddings of `model` (of dimension `dim`) belong in index `def`.
+fn accepts_model(def: &IndexDef, model: &str, dim: u32) -> Result<(), IndexError> {
+    if def.dim != dim {
+        return Err(IndexError::InvalidArgument(format!(
+            "index {:?} has dimension {}, the model {model:?} produces {dim}",
+            def.name, def.dim
+        )));
+    }
+    if !def.model.is_empty() && def.model != model {
+        return Err(IndexError::InvalidArgument(format!(
+            "index {:?} holds embeddings of model {:?}, this server runs {model:?}",
+            def.name, def.model
+        )));
+    }
+    Ok(())
+}
+
+/// An index's hashing and sketch planes from its stored matrices, centred when it has a center.
+fn planes_of(
+    def: &IndexDef,
+    hyperplanes: Vec<f32>,
+    center: Option<Vec<f32>>,
+    sketch_planes: Option<Vec<f32>>,
+) -> Result<(Hyperplanes, Option<Hyperplanes>), IndexError> {
+    let name = &def.name;
+    let shape = LshShape { dim: def.dim as usize, hash_bits: def.hash_bits, tables: def.tables };
+    let corrupt = |e: LshError| StoreError::Corrupt(format!("hyperplanes of index {name:?}: {e}"));
+    let mut planes = Hyperplanes::from_row_major(shape, hyperplanes).map_err(corrupt)?;
+    let mut sketch = match (def.sketch_bits, sketch_planes) {
+        (0, _) => None,
+        (bits, Some(matrix)) => {
+            let shape = sketch_shape(shape.dim, bits).map_err(corrupt)?;
+            Some(Hyperplanes::from_row_major(shape, matrix).map_err(corrupt)?)
+        }
+        (_, None) => return Err(StoreError::Corrupt(format!("index {name:?} lacks its sketch hyperplanes")).into()),
+    };
+    if let Some(center) = center {
+        planes = planes.with_center(&center).map_err(corrupt)?;
+        sketch = sketch.map(|s| s.with_center(&center)).transpose().map_err(corrupt)?;
+    }
+    Ok((planes, sketch))
 }
 
 #[cfg(test)]

@@ -6,26 +6,10 @@ use super::*;
 impl Index {
     pub fn query(&self, by: QueryBy, options: &QueryOptions) -> Result<QueryResult, IndexError> {
         let _reading = self.readers.read().unwrap_or_else(|e| e.into_inner());
-        let top_k = match options.top_k {
-            0 => DEFAULT_TOP_K,
-            k if k > MAX_TOP_K => {
-                return Err(IndexError::InvalidArgument(format!("top_k {k} is over the limit of {MAX_TOP_K}")));
-            }
-            k => k,
-        } as usize;
-        let probes = options.probes.unwrap_or(DEFAULT_PROBES);
-        if probes > MAX_PROBES {
-            return Err(IndexError::InvalidArgument(format!("probes {probes} is over the limit of {MAX_PROBES}")));
-        }
-        if options.rerank_depth > MAX_RERANK_DEPTH {
-            return Err(IndexError::InvalidArgument(format!(
-                "rerank_depth {} is over the limit of {MAX_RERANK_DEPTH}",
-                options.rerank_depth
-            )));
-        }
+        let Resolved { top_k, probes, rerank, depth } = Resolved::from(options)?;
         let (vector, exclude) = match by {
             QueryBy::Vector(v) => {
-                self.check_vector(&v).map_err(IndexError::InvalidArgument)?;
+                super::ingest::check_vector(self.def(), &v).map_err(IndexError::InvalidArgument)?;
                 (v, None)
             }
             QueryBy::Id(id) => {
@@ -41,8 +25,6 @@ impl Index {
                 (self.store.vector(number)?, Some(number))
             }
         };
-        let rerank = options.rerank.unwrap_or(true);
-        let depth = (if options.rerank_depth == 0 { DEFAULT_RERANK_DEPTH } else { options.rerank_depth }) as usize;
         if self.plan(options.plan, rerank, options.min_votes)? == SearchPlan::Scan {
             return self.scan(&vector, exclude, probes, top_k, depth.max(top_k));
         }
@@ -86,7 +68,7 @@ impl Index {
     /// many of those it keeps for the exact re-rank (with embeddings) or as hits (without: the
     /// sketch's estimate is then the similarity, and ranks by Hamming distance alone).
     pub(super) fn sketch_depths(&self, top_k: usize, depth: usize) -> (usize, usize) {
-        if self.def().stores_vectors { (depth.saturating_mul(ASYMMETRIC_PRESELECTION), depth) } else { (top_k, top_k) }
+        sketch_depths(self.def(), top_k, depth)
     }
 
     /// The `SearchPlan::Scan` query: every live item's sketch against the query's, the
@@ -127,21 +109,8 @@ impl Index {
         })
     }
 
-    /// The codes a query visits in each table: its own, then `probes` more, nearest first.
     fn probed_codes(&self, vector: &[f32], probes: u32) -> Result<Vec<Vec<u64>>, IndexError> {
-        let projections = self.planes.project_one(vector)?;
-        let codes = self.planes.codes_of(projections.view());
-        let k = self.def().hash_bits as usize;
-        let probed = codes
-            .row(0)
-            .iter()
-            .enumerate()
-            .map(|(table, &code)| {
-                let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
-                std::iter::once(code).chain(probe_codes(&table_projections, code, probes as usize)).collect()
-            })
-            .collect();
-        Ok(probed)
+        probed_codes(&self.planes, vector, probes)
     }
 
     /// Adds the live items of the buckets of the query's codes, and `probes` more per table,
@@ -173,4 +142,62 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// A query's options with their defaults filled in, within their hard limits.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Resolved {
+    pub(super) top_k: usize,
+    pub(super) probes: u32,
+    pub(super) rerank: bool,
+    /// Candidates re-ranked exactly (never fewer than `top_k` where it counts).
+    pub(super) depth: usize,
+}
+
+impl Resolved {
+    pub(super) fn from(options: &QueryOptions) -> Result<Self, IndexError> {
+        let top_k = match options.top_k {
+            0 => DEFAULT_TOP_K,
+            k if k > MAX_TOP_K => {
+                return Err(IndexError::InvalidArgument(format!("top_k {k} is over the limit of {MAX_TOP_K}")));
+            }
+            k => k,
+        } as usize;
+        let probes = options.probes.unwrap_or(DEFAULT_PROBES);
+        if probes > MAX_PROBES {
+            return Err(IndexError::InvalidArgument(format!("probes {probes} is over the limit of {MAX_PROBES}")));
+        }
+        if options.rerank_depth > MAX_RERANK_DEPTH {
+            return Err(IndexError::InvalidArgument(format!(
+                "rerank_depth {} is over the limit of {MAX_RERANK_DEPTH}",
+                options.rerank_depth
+            )));
+        }
+        let rerank = options.rerank.unwrap_or(true);
+        let depth = (if options.rerank_depth == 0 { DEFAULT_RERANK_DEPTH } else { options.rerank_depth }) as usize;
+        Ok(Self { top_k, probes, rerank, depth })
+    }
+}
+
+/// The codes a query visits in each table: its own, then `probes` more, nearest first.
+pub(super) fn probed_codes(planes: &Hyperplanes, vector: &[f32], probes: u32) -> Result<Vec<Vec<u64>>, IndexError> {
+    let projections = planes.project_one(vector)?;
+    let codes = planes.codes_of(projections.view());
+    let k = planes.shape().hash_bits as usize;
+    let probed = codes
+        .row(0)
+        .iter()
+        .enumerate()
+        .map(|(table, &code)| {
+            let table_projections = projections.row(0).slice(ndarray::s![table * k..(table + 1) * k]).to_vec();
+            std::iter::once(code).chain(probe_codes(&table_projections, code, probes as usize)).collect()
+        })
+        .collect();
+    Ok(probed)
+}
+
+/// How many Hamming-nearest candidates a query of index `def` keeps for the asymmetric
+/// re-score, and how many of those for the exact re-rank (`Index::sketch_depths`).
+pub(super) fn sketch_depths(def: &IndexDef, top_k: usize, depth: usize) -> (usize, usize) {
+    if def.stores_vectors { (depth.saturating_mul(ASYMMETRIC_PRESELECTION), depth) } else { (top_k, top_k) }
 }

@@ -1,6 +1,7 @@
 //! Persistence of indexes. The domain (`crate::index`) depends on the traits here, never on
 //! sled; the store knows nothing of gRPC or of how codes are computed.
 
+pub mod cluster;
 #[cfg(test)]
 mod conformance;
 mod durable;
@@ -57,6 +58,10 @@ pub enum StoreError {
     LayoutTooNew { found: u32, supported: u32 },
     #[error("index {0:?} already exists")]
     AlreadyExists(String),
+    /// The backend cannot take this now and a retry may succeed: a shared store's node
+    /// unreachable or failing over, or fewer replicas than the acknowledgement needs.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("index {0:?} was dropped")]
     Dropped(String),
     #[error("index {0:?} has used all 2^32 item numbers")]
@@ -84,6 +89,39 @@ pub enum StoreError {
          `compact`): stop it first; commands that work on a data directory offline need it alone"
     )]
     InUse(std::path::PathBuf),
+}
+
+/// The definition an index record holds.
+pub(crate) fn def_of(r: &crate::storage_proto::IndexRecord) -> IndexDef {
+    IndexDef {
+        name: r.name.clone(),
+        dim: r.dim,
+        hash_bits: r.hash_bits,
+        tables: r.tables,
+        seed: r.seed,
+        model: r.model.clone(),
+        created_at: r.created_at,
+        sketch_bits: r.sketch_bits,
+        stores_vectors: !r.vectors_omitted,
+        thumbnails: r.thumbnails,
+    }
+}
+
+/// The record of index `def` under `uid` (a catalog entry).
+pub(crate) fn record_of(def: &IndexDef, uid: u64) -> crate::storage_proto::IndexRecord {
+    crate::storage_proto::IndexRecord {
+        name: def.name.clone(),
+        uid,
+        dim: def.dim,
+        hash_bits: def.hash_bits,
+        tables: def.tables,
+        seed: def.seed,
+        model: def.model.clone(),
+        created_at: def.created_at,
+        sketch_bits: def.sketch_bits,
+        vectors_omitted: !def.stores_vectors,
+        thumbnails: def.thumbnails,
+    }
 }
 
 /// What defines an index, fixed at creation.

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 use imagelsh::proto::image_index_client::ImageIndexClient;
 use imagelsh::proto::{self, Embedding, IngestRequest, Item, item::Content};
 use tonic::transport::Channel;

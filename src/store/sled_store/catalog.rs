@@ -126,19 +126,7 @@ impl Catalog for SledCatalog {
                 return Err(StoreError::AlreadyExists(def.name.clone()));
             }
             let uid = db.db.generate_id()?;
-            let record = IndexRecord {
-                name: def.name.clone(),
-                uid,
-                dim: def.dim,
-                hash_bits: def.hash_bits,
-                tables: def.tables,
-                seed: def.seed,
-                model: def.model.clone(),
-                created_at: def.created_at,
-                sketch_bits: def.sketch_bits,
-                vectors_omitted: !def.stores_vectors,
-                thumbnails: def.thumbnails,
-            };
+            let record = record_of(def, uid);
             // The tree first, the catalog entry last: a crash in between leaves an orphan tree
             // that the next open removes, never a catalog entry without its data.
             let tree = db.db.open_tree(tree_name(uid))?;

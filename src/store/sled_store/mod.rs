@@ -33,7 +33,7 @@ use super::migrate::{self, CATALOG_TREE};
 use super::records::{self, Access, RecordFile};
 use super::{
     Catalog, Compaction, IndexDef, IndexParams, IndexStore, ItemWrite, StoreBatch, StoreError, StoreRepair, StoredItem,
-    StoredState,
+    StoredState, def_of, record_of,
 };
 use crate::storage_proto::{IndexRecord, ItemRecord};
 
@@ -83,21 +83,6 @@ fn vector_path(dir: &Path, uid: u64) -> PathBuf {
 
 fn sketch_path(dir: &Path, uid: u64) -> PathBuf {
     dir.join(format!("{uid:016x}.sketch"))
-}
-
-fn def_of(r: &IndexRecord) -> IndexDef {
-    IndexDef {
-        name: r.name.clone(),
-        dim: r.dim,
-        hash_bits: r.hash_bits,
-        tables: r.tables,
-        seed: r.seed,
-        model: r.model.clone(),
-        created_at: r.created_at,
-        sketch_bits: r.sketch_bits,
-        stores_vectors: !r.vectors_omitted,
-        thumbnails: r.thumbnails,
-    }
 }
 
 fn read_u32(tree: &sled::Tree, key: &[u8]) -> Result<u32, StoreError> {

@@ -1,0 +1,256 @@
+//! Items in the cluster: a batch's writes in the order that keeps every item whole or
+//! invisible, deletes, and the reads of a query (buckets, codes, records, embeddings).
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use super::keys::{self, Part};
+use super::{AckReport, ClusterStore, set};
+use crate::storage_proto::ItemRecord;
+use crate::store::StoreError;
+
+/// An item as a batch writes it (its number is handed out by the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedWrite {
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+    pub codes: Vec<u64>,
+    pub sketch: Vec<u64>,
+    /// `None` where the index keeps no embeddings.
+    pub vector: Option<Vec<f32>>,
+    pub thumbnail: Option<Vec<u8>>,
+}
+
+/// What a batch's write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Items whose id named an item before (now replaced).
+    pub replaced: u32,
+    pub ack: AckReport,
+}
+
+/// An item's codes (one per table) and sketch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemCodes {
+    pub codes: Vec<u64>,
+    pub sketch: Vec<u64>,
+}
+
+/// An item's record, and its embedding when asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemBody {
+    pub id: String,
+    pub label: String,
+    pub metadata: HashMap<String, String>,
+    pub vector: Option<Vec<f32>>,
+}
+
+impl ClusterStore {
+    /// Writes a batch (ids distinct) and waits for its acknowledgement: item numbers from the
+    /// index's sequence, bucket entries, each item's records in one `MULTI` of its slot, then
+    /// its id key (the commit), then the replaced items' records go.
+    pub async fn write(&self, uid: u64, items: &[SharedWrite]) -> Result<WriteReport, StoreError> {
+        let count = items.len() as u64;
+        let last: u64 = self.run(redis::cmd("INCRBY").arg(keys::sequence(uid)).arg(count)).await?;
+        if last > u64::from(u32::MAX) {
+            return Err(StoreError::ItemNumbersExhausted(format!("uid {uid}")));
+        }
+        let first = (last - count) as u32 + 1;
+        let numbers: Vec<u32> = (first..=last as u32).collect();
+
+        // Buckets: one APPEND per bucket touched.
+        let mut buckets: HashMap<(u16, u64), Vec<u32>> = HashMap::new();
+        for (item, &number) in items.iter().zip(&numbers) {
+            for (table, &code) in item.codes.iter().enumerate() {
+                buckets.entry((table as u16, code)).or_default().push(number);
+            }
+        }
+        let appends = buckets
+            .into_iter()
+            .map(|((table, code), entries)| {
+                let mut cmd = redis::cmd("APPEND");
+                cmd.arg(keys::bucket(uid, table, code)).arg(keys::encode_numbers(&entries));
+                cmd
+            })
+            .collect();
+        self.run_all::<i64>(appends).await?;
+        crate::failpoint::crash_point("cluster-buckets-written");
+
+        // Records: all parts of an item at once.
+        let records = items.iter().zip(&numbers).map(|(item, &number)| {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let record = ItemRecord {
+                id: item.id.clone(),
+                label: item.label.clone(),
+                metadata: item.metadata.clone(),
+                codes: Vec::new(),
+            };
+            pipe.add_command(set(keys::item(uid, number, Part::Codes), keys::encode_codes(&item.codes, &item.sketch)))
+                .ignore();
+            pipe.add_command(set(keys::item(uid, number, Part::Record), record.encode_to_vec())).ignore();
+            if let Some(vector) = &item.vector {
+                pipe.add_command(set(keys::item(uid, number, Part::Vector), crate::store::keys::encode_f32s(vector)))
+                    .ignore();
+            }
+            if let Some(thumbnail) = &item.thumbnail {
+                pipe.add_command(set(keys::item(uid, number, Part::Thumbnail), thumbnail.clone())).ignore();
+            }
+            let mut connection = self.connection.clone();
+            async move { pipe.query_async::<()>(&mut connection).await }
+        });
+        futures::future::try_join_all(records).await.map_err(super::backend)?;
+        crate::failpoint::crash_point("cluster-records-written");
+
+        // The commit: each id names its new item; what it named before is replaced.
+        let commits = items
+            .iter()
+            .zip(&numbers)
+            .map(|(item, &number)| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(keys::id(uid, &item.id)).arg(number).arg("GET");
+                cmd
+            })
+            .collect();
+        let previous: Vec<Option<u32>> = self.run_all(commits).await?;
+        crate::failpoint::crash_point("cluster-ids-written");
+        let replaced: Vec<u32> = previous.iter().flatten().copied().collect();
+        let added = items.len() - replaced.len();
+        self.forget(uid, &replaced, added as i64).await?;
+        let ack = self.acknowledge().await?;
+        Ok(WriteReport { replaced: replaced.len() as u32, ack })
+    }
+
+    /// Deletes the items these ids name; returns how many existed.
+    pub async fn delete(&self, uid: u64, ids: &[String]) -> Result<(usize, AckReport), StoreError> {
+        let removals = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("GETDEL");
+                cmd.arg(keys::id(uid, id));
+                cmd
+            })
+            .collect();
+        let removed: Vec<Option<u32>> = self.run_all(removals).await?;
+        let removed: Vec<u32> = removed.into_iter().flatten().collect();
+        self.forget(uid, &removed, -(removed.len() as i64)).await?;
+        let ack = self.acknowledge().await?;
+        Ok((removed.len(), ack))
+    }
+
+    /// Removes the records of items no id names any more (invisible already) and moves the
+    /// live count by `delta`.
+    async fn forget(&self, uid: u64, numbers: &[u32], delta: i64) -> Result<(), StoreError> {
+        let mut cmds: Vec<redis::Cmd> = numbers
+            .iter()
+            .map(|&number| {
+                let mut cmd = redis::cmd("UNLINK");
+                Part::ALL.iter().for_each(|&part| {
+                    cmd.arg(keys::item(uid, number, part));
+                });
+                cmd
+            })
+            .collect();
+        if delta != 0 {
+            let mut cmd = redis::cmd("INCRBY");
+            cmd.arg(keys::count(uid)).arg(delta);
+            cmds.push(cmd);
+        }
+        self.run_all::<i64>(cmds).await.map(drop)
+    }
+
+    /// The item numbers in each of these buckets, in order (entries of dead items included).
+    pub async fn buckets(&self, uid: u64, wanted: &[(u16, u64)]) -> Result<Vec<Vec<u32>>, StoreError> {
+        let keys: Vec<String> = wanted.iter().map(|&(table, code)| keys::bucket(uid, table, code)).collect();
+        let values = self.mget(keys).await?;
+        Ok(values.into_iter().map(|v| v.map_or_else(Vec::new, |b| keys::decode_numbers(&b).collect())).collect())
+    }
+
+    /// The codes and sketches of these items (`None`: no such item); a value of another shape
+    /// is damage.
+    pub async fn codes(
+        &self,
+        uid: u64,
+        numbers: &[u32],
+        tables: usize,
+        words: usize,
+    ) -> Result<Vec<Option<ItemCodes>>, StoreError> {
+        let keys = numbers.iter().map(|&n| keys::item(uid, n, Part::Codes)).collect();
+        let values = self.mget(keys).await?;
+        values
+            .into_iter()
+            .zip(numbers)
+            .map(|(value, number)| {
+                value
+                    .map(|bytes| {
+                        keys::decode_codes(&bytes, tables, words)
+                            .map(|(codes, sketch)| ItemCodes { codes, sketch })
+                            .ok_or_else(|| StoreError::Corrupt(format!("codes of item {number} (uid {uid})")))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// The records of these items (`None`: no such item), with their embeddings when asked.
+    pub async fn bodies(&self, uid: u64, numbers: &[u32], vectors: bool) -> Result<Vec<Option<ItemBody>>, StoreError> {
+        let per_item = if vectors { 2 } else { 1 };
+        let mut keys = Vec::with_capacity(numbers.len() * per_item);
+        for &number in numbers {
+            keys.push(keys::item(uid, number, Part::Record));
+            if vectors {
+                keys.push(keys::item(uid, number, Part::Vector));
+            }
+        }
+        let values = self.mget(keys).await?;
+        let mut bodies = Vec::with_capacity(numbers.len());
+        for chunk in values.chunks(per_item) {
+            let Some(record) = &chunk[0] else {
+                bodies.push(None);
+                continue;
+            };
+            let record = ItemRecord::decode(record.as_slice())?;
+            let vector = chunk.get(1).and_then(|v| v.as_deref()).map(crate::store::keys::decode_f32s);
+            bodies.push(Some(ItemBody { id: record.id, label: record.label, metadata: record.metadata, vector }));
+        }
+        Ok(bodies)
+    }
+
+    /// The item number each id names now (`None`: none).
+    pub async fn numbers(&self, uid: u64, ids: &[&str]) -> Result<Vec<Option<u32>>, StoreError> {
+        let keys = ids.iter().map(|id| keys::id(uid, id)).collect();
+        let values = self.mget(keys).await?;
+        values
+            .into_iter()
+            .map(|v| {
+                v.map(|bytes| {
+                    std::str::from_utf8(&bytes)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| StoreError::Corrupt(format!("an id key of uid {uid} holds no item number")))
+                })
+                .transpose()
+            })
+            .collect()
+    }
+
+    pub async fn thumbnails(&self, uid: u64, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.mget(numbers.iter().map(|&n| keys::item(uid, n, Part::Thumbnail)).collect()).await
+    }
+
+    /// Live items (as counted by writes and deletes; `check --repair` recounts).
+    pub async fn count(&self, uid: u64) -> Result<u64, StoreError> {
+        let count: Option<i64> = self.run(redis::cmd("GET").arg(keys::count(uid))).await?;
+        Ok(count.unwrap_or(0).max(0) as u64)
+    }
+
+    /// `MGET`: the crate splits it by slot and sends the parts to their nodes concurrently.
+    async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(redis::cmd("MGET").arg(keys)).await
+    }
+}
