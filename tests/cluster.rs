@@ -294,3 +294,34 @@ async fn an_ingest_killed_before_its_commit_leaves_nothing_visible_and_check_rep
     let info = client.get_index(proto::GetIndexRequest { name: "o".into() }).await.expect("get index").into_inner();
     assert_eq!(info.items, 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_job_over_two_replicas_finishes_through_one_when_the_other_is_killed() {
+    const IMAGES: u64 = 240;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(&dir.path().join("cluster"), "everysec");
+    let store = ["--store", cluster.url.as_str()];
+    let a = TestServer::start_with_model(&dir.path().join("a"), &store);
+    let b = TestServer::start_with_model(&dir.path().join("b"), &store);
+    let photos = class_folders(dir.path(), IMAGES as usize);
+    let servers = format!("http://{},http://{}", a.addr, b.addr);
+    let job = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
+        .args(["ingest", "--server", &servers, "--index", "two", "--json", "--streams", "4", "--batch-items", "8"])
+        .args(["--max-retries", "30"])
+        .arg(&photos)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start imagelsh ingest");
+    let mut client = a.client().await;
+    wait_for_items(&mut client, "two", IMAGES / 4).await;
+    // Paused first: the job cannot finish before the kill, however fast the machine.
+    b.pause();
+    b.kill();
+    let (code, summary) = finish(job, Duration::from_secs(300));
+    assert_eq!(code, 0, "{summary}");
+    assert!(number(&summary, "retries") >= 1, "the job saw a replica go: {summary}");
+    // Every image but the file that is not one.
+    assert_eq!(number(&summary, "indexed"), IMAGES, "{summary}");
+    assert_eq!(items_in(&mut client, "two").await, IMAGES);
+}

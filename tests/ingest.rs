@@ -48,29 +48,6 @@ fn start_ingest(server: &str, index: &str, refused: &Path, extra: &[&str], sourc
         .expect("start imagelsh ingest")
 }
 
-/// Waits for the job to end; its exit code and its JSON summary.
-fn finish(mut job: Child, limit: Duration) -> (i32, serde_json::Value) {
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = job.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > limit {
-            let _ = job.kill();
-            panic!("ingest did not end within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut out = String::new();
-    job.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let summary = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out:?}"));
-    (status.code().unwrap_or(-1), summary)
-}
-
-fn number(summary: &serde_json::Value, key: &str) -> u64 {
-    summary[key].as_u64().unwrap_or_else(|| panic!("{key} in {summary}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_job_rerun_indexes_everything_once_with_exact_summaries() {
     const IMAGES: u64 = 400;

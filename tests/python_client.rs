@@ -162,3 +162,20 @@ async fn a_python_job_interrupted_with_sigint_and_rerun_indexes_everything_once(
     assert_eq!((second["refused"].as_u64(), second["remaining"].as_u64()), (Some(1), Some(0)), "{second}");
     assert_eq!(items_in(&mut client, "interrupted").await, IMAGES, "every image indexed once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_job_over_two_replicas_of_the_cluster_store_finishes_through_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = common::cluster::TestCluster::start(&dir.path().join("cluster"), "everysec");
+    let store = ["--store", cluster.url.as_str()];
+    let a = TestServer::start_with_model(&dir.path().join("a"), &store);
+    let mut b = TestServer::start_with_model(&dir.path().join("b"), &store);
+    let photos = class_folders(dir.path(), 120);
+    let (url_a, url_b, pid_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr), b.pid().to_string());
+    // The script kills B itself once a quarter is indexed, and checks every image through A.
+    let args = [script("test_replicas.py").into_os_string(), url_a.into(), url_b.into(), photos.into(), pid_b.into()];
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let output = run_python(&args, &[], dir.path());
+    eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some(), "replica B was killed");
+}

@@ -66,7 +66,7 @@ pub struct IngestArgs {
 
 /// Runs the job; the process's exit status is 130 when it was interrupted.
 pub async fn run(args: IngestArgs) -> anyhow::Result<i32> {
-    let client = client::connect(&args.connect)?;
+    let clients = client::connect_all(&args.connect)?;
     let (sources, names) = (args.sources.clone(), args.class_names.clone());
     let (items, duplicates) = tokio::task::spawn_blocking(move || client::plan_sources(&sources, &names))
         .await?
@@ -93,7 +93,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<i32> {
     };
     let progress = Arc::new(Progress::on_stderr(total, "ingest", Duration::from_secs(5)));
     let stop = super::stop_on_signal("ingest");
-    let outcome = client::run_ingest(client, &job, items, duplicates, &progress, stop).await;
+    let outcome = client::run_ingest(clients, &job, items, duplicates, &progress, stop).await;
     if let Some(progress) = Arc::into_inner(progress) {
         drop(progress);
     }

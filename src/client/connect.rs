@@ -16,7 +16,8 @@ use crate::proto::image_index_client::ImageIndexClient;
 /// How to reach a server; every client command takes these flags.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectOptions {
-    /// The server: http://host:port, or https://host:port for TLS.
+    /// The server: http://host:port, or https://host:port for TLS. `ingest` takes several,
+    /// comma-separated (replicas on one cluster store), and spreads its streams over them.
     #[arg(long, env = "IMAGELSH_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
     /// Bearer token sent with every call (see the server's --tokens-file).
@@ -78,6 +79,9 @@ const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub fn connect(options: &ConnectOptions) -> Result<Client, ClientError> {
     let address = options.server.clone();
     let bad = |reason: String| ClientError::Address { address: address.clone(), reason };
+    if address.contains(',') {
+        return Err(bad("one server expected here (several, comma-separated, only for `ingest`)".into()));
+    }
     let mut endpoint = Endpoint::from_shared(address.clone())
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(options.connect_timeout_secs.max(1)))
@@ -98,6 +102,20 @@ pub fn connect(options: &ConnectOptions) -> Result<Client, ClientError> {
     Ok(ImageIndexClient::with_interceptor(endpoint.connect_lazy(), BearerToken(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A client of each of the servers `options.server` names, comma-separated (replicas that
+/// share one store: a bulk job balances its streams over them, on the client, because a
+/// Service in front of them would pin each gRPC connection to one).
+pub fn connect_all(options: &ConnectOptions) -> Result<Vec<Client>, ClientError> {
+    let servers: Vec<&str> = options.server.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if servers.is_empty() {
+        return Err(ClientError::Address { address: options.server.clone(), reason: "no server given".into() });
+    }
+    servers
+        .into_iter()
+        .map(|server| connect(&ConnectOptions { server: server.to_string(), ..options.clone() }))
+        .collect()
 }
 
 fn tls_config(options: &ConnectOptions) -> Result<ClientTlsConfig, ClientError> {

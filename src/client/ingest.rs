@@ -119,8 +119,12 @@ impl Tally {
 /// Runs `job` over `items` (and reports `duplicates` as refused) until done, `stop` is
 /// cancelled (then in-flight batches are still acknowledged), or an error that retries do
 /// not cure.
+///
+/// With several `clients` (replicas of one store), stream `i` starts on client `i mod n`, and
+/// a stream that breaks is sent again through the next one: a replica that dies hands its
+/// streams to the others.
 pub async fn run_ingest(
-    client: Client,
+    clients: Vec<Client>,
     job: &IngestJob,
     items: Vec<PlannedItem>,
     duplicates: Vec<PlannedItem>,
@@ -128,6 +132,10 @@ pub async fn run_ingest(
     stop: CancellationToken,
 ) -> Result<IngestSummary, ClientError> {
     let started = Instant::now();
+    let clients = Arc::new(clients);
+    let Some(client) = clients.first().cloned() else {
+        return Err(ClientError::Address { address: String::new(), reason: "no server given".into() });
+    };
     let planned = (items.len() + duplicates.len()) as u64;
     let tally = Arc::new(Tally::default());
     tally.refuse(
@@ -153,9 +161,10 @@ pub async fn run_ingest(
     let reader = tokio::spawn(read_batches(job.clone(), plan_rx, ready_tx, tally.clone(), progress.clone()));
     let queue = Arc::new(tokio::sync::Mutex::new(ready_rx));
     let workers: Vec<_> = (0..job.streams.max(1))
-        .map(|_| {
+        .map(|n| {
             let stream = StreamWorker {
-                client: client.clone(),
+                clients: clients.clone(),
+                first: n,
                 job: job.clone(),
                 queue: queue.clone(),
                 tally: tally.clone(),
@@ -382,7 +391,10 @@ fn read_batch(batch: Vec<PlannedItem>, max_item_bytes: u64) -> ReadBatch {
 
 /// One ingest stream and its window of unacknowledged batches.
 struct StreamWorker {
-    client: Client,
+    /// The servers; the stream opens on `first` (mod their number), then the next after each
+    /// break.
+    clients: Arc<Vec<Client>>,
+    first: usize,
     job: IngestJob,
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<ReadyBatch>>>,
     tally: Arc<Tally>,
@@ -403,14 +415,17 @@ impl StreamWorker {
         let mut taking = true;
         // Failures in a row without an acknowledgement in between.
         let mut failures = 0u32;
+        let mut server = self.first;
         loop {
-            match self.stream(&mut pending, &mut taking, &mut failures).await {
+            let client = self.clients[server % self.clients.len()].clone();
+            match self.stream(client, &mut pending, &mut taking, &mut failures).await {
                 StreamEnd::Done => return Ok(()),
                 StreamEnd::Failed(status) if is_retryable(&status) && failures < self.job.backoff.retries => {
                     let wait = self.job.backoff.delay_after(failures, &status);
                     tracing::warn!(%status, unacknowledged = pending.len(), ?wait, "ingest stream broke; sending its batches again");
                     self.progress.retried();
                     failures += 1;
+                    server += 1;
                     tokio::time::sleep(wait).await;
                 }
                 StreamEnd::Failed(status) => {
@@ -422,14 +437,20 @@ impl StreamWorker {
 
     /// Opens a stream, sends the unacknowledged batches again, then takes new ones while the
     /// window has room, until the queue ends (or `stop`) and everything is acknowledged.
-    async fn stream(&self, pending: &mut VecDeque<ReadyBatch>, taking: &mut bool, failures: &mut u32) -> StreamEnd {
+    async fn stream(
+        &self,
+        mut client: Client,
+        pending: &mut VecDeque<ReadyBatch>,
+        taking: &mut bool,
+        failures: &mut u32,
+    ) -> StreamEnd {
         let window = self.job.in_flight.max(1);
         // Room for the whole window: sending never waits on the server.
         let (tx, rx) = mpsc::channel(window + 1);
         for batch in pending.iter() {
             let _ = tx.try_send(batch.request.clone());
         }
-        let mut responses = match self.client.clone().ingest(ReceiverStream::new(rx)).await {
+        let mut responses = match client.ingest(ReceiverStream::new(rx)).await {
             Ok(response) => response.into_inner(),
             Err(status) => return StreamEnd::Failed(status),
         };

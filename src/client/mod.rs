@@ -12,7 +12,7 @@ pub mod sheet;
 mod source;
 
 pub use backup::{BackupManifest, MANIFEST, backup_server};
-pub use connect::{Client, ConnectOptions, connect};
+pub use connect::{Client, ConnectOptions, connect, connect_all};
 pub use ingest::{IngestJob, IngestSummary, Refusal, run_ingest};
 pub use pictures::{decode_picture, match_tiles, picture_file};
 pub use progress::Progress;

@@ -1,6 +1,7 @@
 //! A real `imagelsh serve` process on an ephemeral loopback port over a real data directory.
 #![allow(dead_code)]
 
+use std::io::Read as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -282,6 +283,29 @@ pub fn class_folders(dir: &Path, n: usize) -> PathBuf {
 }
 
 /// A loopback address no one listens on now (a server restarted on the port a client uses).
+/// Waits for the job to end; its exit code and its JSON summary.
+pub fn finish(mut job: Child, limit: Duration) -> (i32, serde_json::Value) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = job.kill();
+            panic!("ingest did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    job.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let summary = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (status.code().unwrap_or(-1), summary)
+}
+
+pub fn number(summary: &serde_json::Value, key: &str) -> u64 {
+    summary[key].as_u64().unwrap_or_else(|| panic!("{key} in {summary}"))
+}
+
 pub fn free_loopback_addr() -> String {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     probe.local_addr().unwrap().to_string()

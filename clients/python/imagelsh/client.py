@@ -1,4 +1,5 @@
-"""The imagelsh client: one channel (plain or TLS) with the bearer token on every call."""
+"""The imagelsh client: a channel (plain or TLS) to each server it is given (replicas of one
+store), with the bearer token on every call."""
 import dataclasses
 import json
 import math
@@ -14,7 +15,7 @@ from .errors import AlreadyExists, ImagesRefused, NotFound, from_rpc_error
 from .ingest import IngestJob, IngestOptions
 from .retry import Backoff, is_retryable
 from .source import SOURCE_KEY, plan_folder
-from .stream import END, Batch, BatchFeed, StreamCounters, pump
+from .stream import END, Batch, BatchFeed, StreamCounters, pump, rotating_opener
 from .models import Hit, IndexInfo, IngestSummary, QueryResult, Refusal, StoredItem
 from .v1 import imagelsh_pb2 as pb
 from .v1 import imagelsh_pb2_grpc as pb_grpc
@@ -32,24 +33,45 @@ def _read_pem(value: Union[None, str, bytes]) -> Optional[bytes]:
         return file.read()
 
 
+def _split_servers(url: Union[str, Sequence[str]]) -> List[str]:
+    """The servers a client is given: one URL, several comma-separated, or a list."""
+    parts = url.split(",") if isinstance(url, str) else [part for item in url for part in str(item).split(",")]
+    servers = [part.strip() for part in parts if part.strip()]
+    if not servers:
+        raise ValueError(f"{url!r}: no server given")
+    return servers
+
+
+def _target(url: str) -> Tuple[str, bool]:
+    """host:port for a server's URL, and whether it is TLS (https)."""
+    parsed = urlparse(url if "://" in url else "http://" + url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{url!r}: expected http://host:port or https://host:port")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return f"{host}:{port}", parsed.scheme == "https"
+
+
 class Client:
     """A client of the server at `url` (http://host:port, or https://host:port for TLS).
 
+    `url` may name several servers, comma-separated or as a list: replicas that share one
+    index store (`imagelsh serve --store redis://…`). `ingest_folder` spreads its streams over
+    all of them (stream i starts on server i mod n; a broken stream is sent again through the
+    next one). Other calls go to the first server; one that answers UNAVAILABLE is left for
+    the next one (the calls after it stay there until it fails in turn).
+
     `token` is sent as `authorization: Bearer …` with every call. For TLS, `ca_cert` (a PEM
     path or bytes; default: the system's CAs), `client_cert` and `client_key` for a server that
-    requires client certificates, `server_name` when the certificate names another host.
-    Unary calls are retried through a restarting or busy server by `backoff`.
+    requires client certificates, `server_name` when the certificate names another host (the
+    same for every server). Unary calls are retried through a restarting or busy server by
+    `backoff`.
     """
 
-    def __init__(self, url: str = "http://127.0.0.1:50051", token: Optional[str] = None, *,
+    def __init__(self, url: Union[str, Sequence[str]] = "http://127.0.0.1:50051", token: Optional[str] = None, *,
                  ca_cert=None, client_cert=None, client_key=None, server_name: Optional[str] = None,
                  backoff: Backoff = Backoff(), timeout: Optional[float] = None):
-        parsed = urlparse(url if "://" in url else "http://" + url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"{url!r}: expected http://host:port or https://host:port")
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-        target = f"{host}:{port}"
+        self.servers = _split_servers(url)
         # Reconnects after a server restart as soon as the retries (backoff) ask, not after
         # gRPC's own longer reconnect backoff (up to 120 s).
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -57,23 +79,27 @@ class Client:
                    ("grpc.initial_reconnect_backoff_ms", int(backoff.first * 1000)),
                    ("grpc.min_reconnect_backoff_ms", int(backoff.first * 1000)),
                    ("grpc.max_reconnect_backoff_ms", int(backoff.max * 1000))]
-        if parsed.scheme == "https":
-            if server_name:
-                options.append(("grpc.ssl_target_name_override", server_name))
+        tls_options = options + ([("grpc.ssl_target_name_override", server_name)] if server_name else [])
+        targets = [_target(server) for server in self.servers]
+        credentials = None
+        if any(secure for _target_, secure in targets):
             credentials = grpc.ssl_channel_credentials(root_certificates=_read_pem(ca_cert),
                                                        private_key=_read_pem(client_key),
                                                        certificate_chain=_read_pem(client_cert))
-            self._channel = grpc.secure_channel(target, credentials, options)
-        else:
-            if ca_cert or client_cert or client_key:
-                raise ValueError("TLS files were given for a plain http:// server")
-            self._channel = grpc.insecure_channel(target, options)
-        self._stub = pb_grpc.ImageIndexStub(self._channel)
+        elif ca_cert or client_cert or client_key:
+            raise ValueError("TLS files were given for a plain http:// server")
+        self._channels = [grpc.secure_channel(target, credentials, tls_options) if secure
+                          else grpc.insecure_channel(target, options) for target, secure in targets]
+        self._stubs = [pb_grpc.ImageIndexStub(channel) for channel in self._channels]
+        # The server unary calls go to: the first, then the next after each UNAVAILABLE.
+        self._current = 0
+        self._rotate_lock = threading.Lock()
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.backoff, self.timeout = backoff, timeout
 
     def close(self):
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self):
         return self
@@ -81,16 +107,24 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
-    def _call(self, method, request):
-        """A unary call, retried (backoff with jitter, or the server's retry-after) while the
-        server is away or busy."""
+    def _call(self, method: str, request):
+        """A unary call (`method`, the stub's name for it), retried (backoff with jitter, or the
+        server's retry-after) while the server is away or busy; a server that is away
+        (UNAVAILABLE) is left for the next one, where there are several."""
         attempt = 0
         while True:
+            server = self._current
             try:
-                return method(request, metadata=self._metadata, timeout=self.timeout)
+                return getattr(self._stubs[server % len(self._stubs)], method)(
+                    request, metadata=self._metadata, timeout=self.timeout)
             except grpc.RpcError as error:
                 if not is_retryable(error) or attempt >= self.backoff.retries:
                     raise from_rpc_error(error) from None
+                if error.code() == grpc.StatusCode.UNAVAILABLE and len(self._stubs) > 1:
+                    # Only from the server this call used: a concurrent call moved it already.
+                    with self._rotate_lock:
+                        if self._current == server:
+                            self._current = (server + 1) % len(self._stubs)
                 time.sleep(self.backoff.delay_after(attempt, error))
                 attempt += 1
 
@@ -106,18 +140,18 @@ class Client:
                                         center=list(center or ()), no_center=no_center)
         if store_embeddings is not None:
             request.store_embeddings = store_embeddings
-        return IndexInfo.from_proto(self._call(self._stub.CreateIndex, request))
+        return IndexInfo.from_proto(self._call("CreateIndex", request))
 
     def get_index(self, name: str) -> IndexInfo:
         """NotFound for an unknown index."""
-        return IndexInfo.from_proto(self._call(self._stub.GetIndex, pb.GetIndexRequest(name=name)))
+        return IndexInfo.from_proto(self._call("GetIndex", pb.GetIndexRequest(name=name)))
 
     def list_indexes(self) -> List[IndexInfo]:
-        response = self._call(self._stub.ListIndexes, pb.ListIndexesRequest())
+        response = self._call("ListIndexes", pb.ListIndexesRequest())
         return [IndexInfo.from_proto(info) for info in response.indexes]
 
     def drop_index(self, name: str):
-        self._call(self._stub.DropIndex, pb.DropIndexRequest(name=name))
+        self._call("DropIndex", pb.DropIndexRequest(name=name))
 
     # Items.
 
@@ -127,7 +161,7 @@ class Client:
         ids the index does not hold."""
         request = pb.GetItemsRequest(index=index, ids=list(ids), with_embeddings=with_embeddings,
                                      with_thumbnails=with_thumbnails)
-        response = self._call(self._stub.GetItems, request)
+        response = self._call("GetItems", request)
         found = [StoredItem(item.id, item.label, dict(item.metadata),
                             list(item.embedding.values) if item.HasField("embedding") else None,
                             item.thumbnail or None) for item in response.items]
@@ -135,7 +169,7 @@ class Client:
 
     def delete(self, index: str, ids: Sequence[str]) -> int:
         """Removes the items; returns how many were there."""
-        return self._call(self._stub.Delete, pb.DeleteRequest(index=index, ids=list(ids))).deleted
+        return self._call("Delete", pb.DeleteRequest(index=index, ids=list(ids))).deleted
 
     # Queries.
 
@@ -166,7 +200,7 @@ class Client:
             if not all(math.isfinite(v) for v in values):
                 raise ValueError("the embedding holds a value that is not finite")
             request.embedding.values.extend(values)
-        response = self._call(self._stub.Query, request)
+        response = self._call("Query", request)
         hits = [Hit(h.id, h.label, h.votes, h.score, h.similarity, dict(h.metadata)) for h in response.hits]
         plan_name = pb.SearchPlan.Name(response.plan).replace("SEARCH_PLAN_", "")
         return QueryResult(hits, response.candidates, plan_name)
@@ -203,7 +237,7 @@ class Client:
                     embeddings[start + position] = list(vector.values) if vector is not None else None
 
         lock, calls = threading.Lock(), set()
-        pump(lambda requests: self._stub.Embed(requests, metadata=self._metadata), BatchFeed(source),
+        pump(rotating_opener(self._stubs, "Embed", self._metadata, first=self._current), BatchFeed(source),
              max_in_flight, acknowledged, self.backoff, threading.Event(), StreamCounters(), lock, calls)
         if refused:
             raise ImagesRefused(refused, embeddings)
@@ -236,7 +270,7 @@ class Client:
                                 max_in_flight=max_in_flight, readers=readers, max_item_bytes=max_item_bytes,
                                 backoff=backoff, progress=progress)
         try:
-            IngestJob(self._stub, self._metadata, index, items, options, summary).run()
+            IngestJob(self._stubs, self._metadata, index, items, options, summary).run()
         finally:
             if refused_file is not None and summary.refused:
                 with open(refused_file, "w") as out:

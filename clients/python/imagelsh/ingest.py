@@ -1,5 +1,6 @@
-"""A bulk ingest job: files read in parallel with sending, over several streams with a bounded
-number of batches in flight each, retried through server restarts, resumable by rerunning."""
+"""A bulk ingest job: files read in parallel with sending, over several streams (spread over the
+servers given, replicas of one store) with a bounded number of batches in flight each, retried
+through server restarts (a broken stream moves to the next server), resumable by rerunning."""
 import os
 import queue
 import threading
@@ -12,7 +13,7 @@ from .errors import ImagelshError
 from .progress import Progress
 from .retry import Backoff
 from .source import PlannedItem
-from .stream import END, Batch, BatchFeed, StreamCounters, pump
+from .stream import END, Batch, BatchFeed, StreamCounters, pump, rotating_opener
 from .models import IngestSummary, Refusal
 from .v1 import imagelsh_pb2 as pb
 
@@ -45,10 +46,12 @@ class IngestOptions:
 
 
 class IngestJob:
-    def __init__(self, stub, metadata, index: str, items: List[PlannedItem], options: IngestOptions,
+    def __init__(self, stubs, metadata, index: str, items: List[PlannedItem], options: IngestOptions,
                  summary: IngestSummary):
         options.check()
-        self._stub, self._metadata, self._index = stub, metadata, index
+        # One stub per server (replicas of one store); a single stub is taken as a list of one.
+        self._stubs = list(stubs) if isinstance(stubs, (list, tuple)) else [stubs]
+        self._metadata, self._index = metadata, index
         self._items, self._options, self.summary = items, options, summary
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,8 +72,8 @@ class IngestJob:
         remaining, the summary is attached to the exception, and it is re-raised."""
         started = time.monotonic()
         threads = [threading.Thread(target=self._guard, args=(self._produce,), daemon=True)]
-        threads += [threading.Thread(target=self._guard, args=(self._stream,), daemon=True)
-                    for _ in range(self._options.parallel)]
+        threads += [threading.Thread(target=self._guard, args=(lambda n=n: self._stream(n),), daemon=True)
+                    for n in range(self._options.parallel)]
         try:
             for thread in threads:
                 thread.start()
@@ -197,8 +200,10 @@ class IngestJob:
             except queue.Full:
                 continue
 
-    def _stream(self):
-        pump(lambda requests: self._stub.Ingest(requests, metadata=self._metadata), self._feed,
+    def _stream(self, n: int):
+        """Stream `n`: opens on server n (mod their number), and after each break on the next
+        one; what it had not got acknowledged goes back to the feed, sent again first."""
+        pump(rotating_opener(self._stubs, "Ingest", self._metadata, first=n), self._feed,
              self._options.max_in_flight, self._acknowledged, self._options.backoff, self._stop,
              self._counters, self._lock, self._calls)
 

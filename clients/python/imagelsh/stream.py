@@ -2,10 +2,11 @@
 resends the unacknowledged ones, on a new stream, after a transient failure (the server's
 responses come one per request, in order, so the oldest batch sent is the one acknowledged)."""
 import collections
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import grpc
 
@@ -133,6 +134,17 @@ class _Attempt:
             leftover = list(self._sent)
             self._sent.clear()
             return leftover
+
+
+def rotating_opener(stubs: Sequence[Any], method: str, metadata, first: int = 0) -> Callable:
+    """An `open_call` for `pump` over replicas: the first stream opens on server `first` (mod
+    their number), each one after it (a retry) on the next server."""
+    opened = itertools.count(first)
+
+    def open_call(requests):
+        return getattr(stubs[next(opened) % len(stubs)], method)(requests, metadata=metadata)
+
+    return open_call
 
 
 @dataclass

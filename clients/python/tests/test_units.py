@@ -11,7 +11,7 @@ import grpc
 
 from imagelsh import Backoff, Client, plan_folder
 from imagelsh.retry import is_retryable, retry_after
-from imagelsh.stream import END, Batch, BatchFeed
+from imagelsh.stream import END, Batch, BatchFeed, rotating_opener
 
 
 class FakeRpcError(grpc.RpcError):
@@ -119,6 +119,39 @@ class ArgumentsTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             Client("http://host:1", ca_cert=b"pem")
         client.close()
+
+    def test_several_servers_are_taken_comma_separated_or_as_a_list(self):
+        with Client(" http://127.0.0.1:9,127.0.0.1:10 ,") as client:
+            self.assertEqual(client.servers, ["http://127.0.0.1:9", "127.0.0.1:10"])
+            self.assertEqual(len(client._channels), 2)
+        with Client(["http://127.0.0.1:9", "http://127.0.0.1:10,http://127.0.0.1:11"]) as client:
+            self.assertEqual(len(client.servers), 3)
+        with Client("https://127.0.0.1:9,https://127.0.0.1:10", server_name="imagelsh.test") as client:
+            self.assertEqual(len(client._channels), 2)  # one TLS channel each, made lazily
+        with self.assertRaises(ValueError):
+            Client("http://127.0.0.1:9,http://127.0.0.1:10", ca_cert=b"pem")
+        for bad in ("", " , ", [], "http://127.0.0.1:9,ftp://host:1"):
+            with self.assertRaises(ValueError, msg=repr(bad)):
+                Client(bad)
+
+
+class RotatingOpenerTest(unittest.TestCase):
+    def test_a_stream_starts_on_its_own_server_and_each_retry_moves_to_the_next(self):
+        opened = []
+
+        class Stub:
+            def __init__(self, name):
+                self.name = name
+
+            def Ingest(self, requests, metadata):
+                opened.append((self.name, requests, metadata))
+
+        stubs = [Stub("a"), Stub("b"), Stub("c")]
+        open_call = rotating_opener(stubs, "Ingest", (("k", "v"),), first=4)
+        for attempt in range(4):
+            open_call(attempt)
+        self.assertEqual([name for name, _, _ in opened], ["b", "c", "a", "b"])
+        self.assertEqual(opened[0][1:], (0, (("k", "v"),)))
 
 
 if __name__ == "__main__":

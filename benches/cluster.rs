@@ -1,0 +1,214 @@
+//! The embedded store (sled) against the cluster store (a 3+3 Valkey cluster on loopback),
+//! on the same data, in one run:
+//!
+//!     VALKEY_SERVER=$(scripts/setup-valkey) cargo bench --bench cluster -- --items 100000 --streams 4
+//!
+//! Prints, for sled, the cluster store through one replica, and through two (streams and
+//! queries split between them): durable ingest vectors/s, query p50/p99 and recall@10 (the
+//! TABLES plan, the only one the cluster store runs; sled's AUTO beside it), and for the cluster
+//! the commands its primaries processed per item and per query and their memory per item,
+//! from which BENCHMARKS.md estimates what N machines sustain.
+
+mod support;
+use support::{
+    DIM, PlanRun, Server, TRUTH_QUERIES, clustered, create_bench_index, exact_top10, ingest_all, percentile, row_of,
+    run_queries,
+};
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use imagelsh::proto::SearchPlan;
+
+struct Args {
+    items: usize,
+    queries: usize,
+    streams: usize,
+    ack: String,
+    appendfsync: String,
+}
+
+fn args() -> Args {
+    let mut a =
+        Args { items: 100_000, queries: 500, streams: 4, ack: "replica".into(), appendfsync: "everysec".into() };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let value = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--items" => a.items = value.parse().expect("--items N"),
+            "--queries" => a.queries = value.parse().expect("--queries N"),
+            "--streams" => a.streams = value.parse().expect("--streams N"),
+            "--ack" => a.ack = value,
+            "--appendfsync" => a.appendfsync = value,
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// The loopback cluster, stopped (and its files removed) on drop.
+struct Cluster {
+    dir: std::path::PathBuf,
+    base: u16,
+    url: String,
+}
+
+impl Cluster {
+    fn start(dir: &Path, appendfsync: &str) -> Self {
+        let base: u16 = std::env::var("BENCH_CLUSTER_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(27100);
+        let out = Command::new("scripts/cluster")
+            .arg("start")
+            .arg(dir)
+            .arg(base.to_string())
+            .env("CLUSTER_APPENDFSYNC", appendfsync)
+            .output()
+            .expect("scripts/cluster");
+        assert!(out.status.success(), "cluster start: {}", String::from_utf8_lossy(&out.stderr));
+        Cluster { dir: dir.to_path_buf(), base, url: String::from_utf8_lossy(&out.stdout).trim().to_string() }
+    }
+
+    /// A field of INFO summed over the three primaries.
+    fn primaries_sum(&self, section: &str, field: &str) -> u64 {
+        (0..3)
+            .map(|i| {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.base + i)).unwrap();
+                let mut c = client.get_connection().unwrap();
+                let info: String = redis::cmd("INFO").arg(section).query(&mut c).unwrap();
+                info.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/cluster").arg("stop").arg(&self.dir).arg("--clean").status();
+    }
+}
+
+struct Row {
+    name: String,
+    rate: f64,
+    tables: PlanRun,
+    auto: Option<PlanRun>,
+    cluster: Option<(f64, f64, f64)>,
+}
+
+async fn measure(
+    name: &str,
+    servers: &[Server],
+    data: &[f32],
+    queries: &[f32],
+    streams: usize,
+    cluster: Option<&Cluster>,
+) -> Row {
+    create_bench_index(&servers[0], 12, 16).await;
+    let rows: Vec<&[f32]> = data.chunks(DIM).collect();
+    let per_stream = rows.len().div_ceil(streams);
+    let commands = || cluster.map_or(0, |c| c.primaries_sum("stats", "total_commands_processed"));
+    let before = commands();
+    let addrs: Vec<&str> = servers.iter().map(|s| s.1.as_str()).collect();
+    let (indexed, took) = ingest_all(&addrs, &rows, per_stream).await;
+    assert_eq!(indexed, rows.len());
+    let after_ingest = commands();
+    // Queries split over the servers, alternating by halves.
+    let mut tables = PlanRun { latencies: Vec::new(), hits: Vec::new(), candidates: 0.0, plans: Default::default() };
+    let per_server = queries.len() / DIM / servers.len();
+    for (n, server) in servers.iter().enumerate() {
+        let part = &queries[n * per_server * DIM..(n + 1) * per_server * DIM];
+        let run = run_queries(&mut server.client().await, part, SearchPlan::Tables).await;
+        tables.latencies.extend(run.latencies);
+        tables.hits.extend(run.hits);
+    }
+    tables.latencies.sort();
+    let after_queries = commands();
+    let auto = match cluster {
+        None => Some(run_queries(&mut servers[0].client().await, queries, SearchPlan::Auto).await),
+        Some(_) => None,
+    };
+    let cluster = cluster.map(|c| {
+        let items = rows.len() as f64;
+        let memory = c.primaries_sum("memory", "used_memory") as f64 / items;
+        let per_item = (after_ingest - before) as f64 / items;
+        let per_query = (after_queries - after_ingest) as f64 / (queries.len() / DIM) as f64;
+        (per_item, per_query, memory)
+    });
+    let _ = per_stream;
+    Row { name: name.into(), rate: rows.len() as f64 / took.as_secs_f64(), tables, auto, cluster }
+}
+
+fn main() {
+    let a = args();
+    let data = clustered(a.items, 1, 1);
+    let queries = clustered(a.queries, 1, 2);
+    let truth = exact_top10(&data, &queries[..queries.len().min(TRUTH_QUERIES * DIM)]);
+    let per_stream = a.items.div_ceil(a.streams);
+    let recall = |run: &PlanRun| {
+        let mut found = 0usize;
+        for (hits, exact) in run.hits.iter().zip(&truth) {
+            found += hits.iter().filter(|id| exact.contains(&row_of(id, per_stream))).count();
+        }
+        found as f64 / (10 * truth.len()) as f64
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!(
+        "{} clustered {DIM}-d vectors, K=12 L=16 (defaults), batches of 256 over {} streams; {} queries top_k=10; \
+         cluster: 3 primaries + 3 replicas on loopback, appendfsync {}, --ack {}",
+        a.items, a.streams, a.queries, a.appendfsync, a.ack
+    );
+    let rows: Vec<Row> = runtime.block_on(async {
+        let mut rows = Vec::new();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let sled = [Server::start(&dir.path().join("sled"))];
+            rows.push(measure("sled (embedded)", &sled, &data, &queries, a.streams, None).await);
+        }
+        for replicas in [1usize, 2] {
+            let cluster = Cluster::start(&dir.path().join(format!("cluster{replicas}")), &a.appendfsync);
+            let store = ["--store", cluster.url.as_str(), "--ack", a.ack.as_str()];
+            let servers: Vec<Server> = (0..replicas)
+                .map(|n| Server::start_with(&dir.path().join(format!("r{replicas}-{n}")), &store))
+                .collect();
+            let name = format!("cluster store, {replicas} replica(s)");
+            rows.push(measure(&name, &servers, &data, &queries, a.streams, Some(&cluster)).await);
+        }
+        rows
+    });
+    println!(
+        "| store | ingest vectors/s | × sled | TABLES p50 ms | p99 ms | recall@10 | AUTO p50 / p99 ms, recall | cluster commands per item / per query | cluster used_memory per item |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let sled_rate = rows[0].rate;
+    for row in &rows {
+        let ms = |run: &PlanRun, p| percentile(&run.latencies, p).as_secs_f64() * 1e3;
+        let auto = row
+            .auto
+            .as_ref()
+            .map_or("—".to_string(), |run| format!("{:.2} / {:.2}, {:.3}", ms(run, 0.5), ms(run, 0.99), recall(run)));
+        let cluster = row.cluster.map_or(("—".to_string(), "—".to_string()), |(item, query, memory)| {
+            (format!("{item:.1} / {query:.1}"), format!("{:.0} B", memory))
+        });
+        println!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.3} | {} | {} | {} |",
+            row.name,
+            row.rate,
+            row.rate / sled_rate,
+            ms(&row.tables, 0.5),
+            ms(&row.tables, 0.99),
+            recall(&row.tables),
+            auto,
+            cluster.0,
+            cluster.1
+        );
+    }
+    let _ = Duration::ZERO;
+}
