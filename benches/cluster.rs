@@ -89,6 +89,26 @@ impl Cluster {
     }
 }
 
+/// CPU seconds (user + system) a process has used, from /proc (0 when gone).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+impl Cluster {
+    fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(self.dir.join("pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect()
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = Command::new("scripts/cluster").arg("stop").arg(&self.dir).arg("--clean").status();
@@ -101,6 +121,9 @@ struct Row {
     tables: PlanRun,
     auto: Option<PlanRun>,
     cluster: Option<(f64, f64, f64)>,
+    /// CPU seconds of the imagelsh servers and of the cluster's processes during the ingest,
+    /// and its wall time.
+    ingest_cpu: (f64, f64, f64),
 }
 
 async fn measure(
@@ -115,11 +138,19 @@ async fn measure(
     let rows: Vec<&[f32]> = data.chunks(DIM).collect();
     let per_stream = rows.len().div_ceil(streams);
     let commands = || cluster.map_or(0, |c| c.primaries_sum("stats", "total_commands_processed"));
+    let cpu = || {
+        let servers_cpu: f64 = servers.iter().map(|s| cpu_seconds(s.pid())).sum();
+        let cluster_cpu: f64 = cluster.map_or(0.0, |c| c.pids().into_iter().map(cpu_seconds).sum());
+        (servers_cpu, cluster_cpu)
+    };
+    let cpu_before = cpu();
     let before = commands();
     let addrs: Vec<&str> = servers.iter().map(|s| s.1.as_str()).collect();
     let (indexed, took) = ingest_all(&addrs, &rows, per_stream).await;
     assert_eq!(indexed, rows.len());
     let after_ingest = commands();
+    let cpu_after = cpu();
+    let ingest_cpu = (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1, took.as_secs_f64());
     // Queries split over the servers, alternating by halves.
     let mut tables = PlanRun { latencies: Vec::new(), hits: Vec::new(), candidates: 0.0, plans: Default::default() };
     let per_server = queries.len() / DIM / servers.len();
@@ -143,7 +174,7 @@ async fn measure(
         (per_item, per_query, memory)
     });
     let _ = per_stream;
-    Row { name: name.into(), rate: rows.len() as f64 / took.as_secs_f64(), tables, auto, cluster }
+    Row { name: name.into(), rate: rows.len() as f64 / took.as_secs_f64(), tables, auto, cluster, ingest_cpu }
 }
 
 fn main() {
@@ -197,11 +228,15 @@ fn main() {
         let cluster = row.cluster.map_or(("—".to_string(), "—".to_string()), |(item, query, memory)| {
             (format!("{item:.1} / {query:.1}"), format!("{:.0} B", memory))
         });
+        let (server_cpu, cluster_cpu, wall) = row.ingest_cpu;
         println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.3} | {} | {} | {} |",
+            "| {} | {:.0} | {:.2} | {:.1} / {:.1} ({:.1}) | {:.2} | {:.2} | {:.3} | {} | {} | {} |",
             row.name,
             row.rate,
             row.rate / sled_rate,
+            server_cpu,
+            cluster_cpu,
+            wall,
             ms(&row.tables, 0.5),
             ms(&row.tables, 0.99),
             recall(&row.tables),

@@ -307,7 +307,8 @@ async fn a_bulk_job_over_two_replicas_finishes_through_one_when_the_other_is_kil
     let servers = format!("http://{},http://{}", a.addr, b.addr);
     let job = Command::new(env!("CARGO_BIN_EXE_imagelsh"))
         .args(["ingest", "--server", &servers, "--index", "two", "--json", "--streams", "4", "--batch-items", "8"])
-        .args(["--max-retries", "30"])
+        .args(["--max-retries", "30", "--refused-file"])
+        .arg(dir.path().join("refused.jsonl"))
         .arg(&photos)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())

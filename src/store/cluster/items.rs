@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use prost::Message;
 
 use super::keys::{self, Part};
-use super::{AckReport, ClusterStore, set};
+use super::{AckReport, ClusterStore};
 use crate::storage_proto::ItemRecord;
 use crate::store::StoreError;
 
@@ -49,8 +49,8 @@ pub struct ItemBody {
 
 impl ClusterStore {
     /// Writes a batch (ids distinct) and waits for its acknowledgement: item numbers from the
-    /// index's sequence, bucket entries, each item's records in one `MULTI` of its slot, then
-    /// its id key (the commit), then the replaced items' records go.
+    /// index's sequence; bucket entries and the items' records; then the id keys (the commit);
+    /// then the replaced items' records go.
     pub async fn write(&self, uid: u64, items: &[SharedWrite]) -> Result<WriteReport, StoreError> {
         let count = items.len() as u64;
         let last: u64 = self.run(redis::cmd("INCRBY").arg(keys::sequence(uid)).arg(count)).await?;
@@ -67,41 +67,36 @@ impl ClusterStore {
                 buckets.entry((table as u16, code)).or_default().push(number);
             }
         }
-        let appends = buckets
+        let mut writes: Vec<(String, redis::Cmd)> = buckets
             .into_iter()
             .map(|((table, code), entries)| {
+                let key = keys::bucket(uid, table, code);
                 let mut cmd = redis::cmd("APPEND");
-                cmd.arg(keys::bucket(uid, table, code)).arg(keys::encode_numbers(&entries));
-                cmd
+                cmd.arg(&key).arg(keys::encode_numbers(&entries));
+                (key, cmd)
             })
             .collect();
-        self.run_all::<i64>(appends).await?;
-        crate::failpoint::crash_point("cluster-buckets-written");
 
-        // Records: all parts of an item at once.
-        let records = items.iter().zip(&numbers).map(|(item, &number)| {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+        // Records: unseen until an id names them, so sent with the bucket entries, in one
+        // round trip (no order between them matters before the commit).
+        let records = &mut writes;
+        for (item, &number) in items.iter().zip(&numbers) {
             let record = ItemRecord {
                 id: item.id.clone(),
                 label: item.label.clone(),
                 metadata: item.metadata.clone(),
                 codes: Vec::new(),
             };
-            pipe.add_command(set(keys::item(uid, number, Part::Codes), keys::encode_codes(&item.codes, &item.sketch)))
-                .ignore();
-            pipe.add_command(set(keys::item(uid, number, Part::Record), record.encode_to_vec())).ignore();
+            records.push(set_part(uid, number, Part::Codes, keys::encode_codes(&item.codes, &item.sketch)));
+            records.push(set_part(uid, number, Part::Record, record.encode_to_vec()));
             if let Some(vector) = &item.vector {
-                pipe.add_command(set(keys::item(uid, number, Part::Vector), crate::store::keys::encode_f32s(vector)))
-                    .ignore();
+                records.push(set_part(uid, number, Part::Vector, crate::store::keys::encode_f32s(vector)));
             }
             if let Some(thumbnail) = &item.thumbnail {
-                pipe.add_command(set(keys::item(uid, number, Part::Thumbnail), thumbnail.clone())).ignore();
+                records.push(set_part(uid, number, Part::Thumbnail, thumbnail.clone()));
             }
-            let mut connection = self.connection.clone();
-            async move { pipe.query_async::<()>(&mut connection).await }
-        });
-        futures::future::try_join_all(records).await.map_err(super::backend)?;
+        }
+        self.run_grouped(writes).await?;
         crate::failpoint::crash_point("cluster-records-written");
 
         // The commit: each id names its new item; what it named before is replaced.
@@ -109,14 +104,17 @@ impl ClusterStore {
             .iter()
             .zip(&numbers)
             .map(|(item, &number)| {
+                let key = keys::id(uid, &item.id);
                 let mut cmd = redis::cmd("SET");
-                cmd.arg(keys::id(uid, &item.id)).arg(number).arg("GET");
-                cmd
+                cmd.arg(&key).arg(number).arg("GET");
+                (key, cmd)
             })
             .collect();
-        let previous: Vec<Option<u32>> = self.run_all(commits).await?;
+        let previous: Vec<Option<u32>> = decode_all(self.run_grouped(commits).await?)?;
         crate::failpoint::crash_point("cluster-ids-written");
-        let replaced: Vec<u32> = previous.iter().flatten().copied().collect();
+        // A commit repeated after a lost reply reads its own number: nothing was replaced then.
+        let replaced: Vec<u32> =
+            previous.iter().zip(&numbers).filter_map(|(p, n)| p.filter(|p| p != n)).collect();
         let added = items.len() - replaced.len();
         self.forget(uid, &replaced, added as i64).await?;
         let ack = self.acknowledge().await?;
@@ -128,12 +126,13 @@ impl ClusterStore {
         let removals = ids
             .iter()
             .map(|id| {
+                let key = keys::id(uid, id);
                 let mut cmd = redis::cmd("GETDEL");
-                cmd.arg(keys::id(uid, id));
-                cmd
+                cmd.arg(&key);
+                (key, cmd)
             })
             .collect();
-        let removed: Vec<Option<u32>> = self.run_all(removals).await?;
+        let removed: Vec<Option<u32>> = decode_all(self.run_grouped(removals).await?)?;
         let removed: Vec<u32> = removed.into_iter().flatten().collect();
         self.forget(uid, &removed, -(removed.len() as i64)).await?;
         let ack = self.acknowledge().await?;
@@ -143,22 +142,23 @@ impl ClusterStore {
     /// Removes the records of items no id names any more (invisible already) and moves the
     /// live count by `delta`.
     async fn forget(&self, uid: u64, numbers: &[u32], delta: i64) -> Result<(), StoreError> {
-        let mut cmds: Vec<redis::Cmd> = numbers
+        let mut cmds: Vec<(String, redis::Cmd)> = numbers
             .iter()
             .map(|&number| {
+                // All parts share the item's slot: one command.
                 let mut cmd = redis::cmd("UNLINK");
                 Part::ALL.iter().for_each(|&part| {
                     cmd.arg(keys::item(uid, number, part));
                 });
-                cmd
+                (keys::item(uid, number, Part::Codes), cmd)
             })
             .collect();
         if delta != 0 {
             let mut cmd = redis::cmd("INCRBY");
             cmd.arg(keys::count(uid)).arg(delta);
-            cmds.push(cmd);
+            cmds.push((keys::count(uid), cmd));
         }
-        self.run_all::<i64>(cmds).await.map(drop)
+        self.run_grouped(cmds).await.map(drop)
     }
 
     /// The item numbers in each of these buckets, in order (entries of dead items included).
@@ -246,11 +246,34 @@ impl ClusterStore {
         Ok(count.unwrap_or(0).max(0) as u64)
     }
 
-    /// `MGET`: the crate splits it by slot and sends the parts to their nodes concurrently.
+    /// The values of these keys (`None`: no such key): `GET`s in one pipeline per primary.
     async fn mget(&self, keys: Vec<String>) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.run(redis::cmd("MGET").arg(keys)).await
+        let gets = keys
+            .into_iter()
+            .map(|key| {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(&key);
+                (key, cmd)
+            })
+            .collect();
+        decode_all(self.run_grouped(gets).await?)
     }
+}
+
+/// `SET` of one part of an item, with its key.
+fn set_part(uid: u64, number: u32, part: Part, value: Vec<u8>) -> (String, redis::Cmd) {
+    let key = keys::item(uid, number, part);
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(&key).arg(value);
+    (key, cmd)
+}
+
+/// Replies as values of one type; one of another type is damage.
+fn decode_all<T: redis::FromRedisValue>(replies: Vec<redis::Value>) -> Result<Vec<T>, StoreError> {
+    replies
+        .into_iter()
+        .map(|reply| {
+            redis::from_redis_value(reply).map_err(|e| StoreError::Corrupt(format!("a reply of the cluster store: {e}")))
+        })
+        .collect()
 }

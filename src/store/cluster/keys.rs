@@ -1,8 +1,9 @@
 //! The cluster store's keys and values (../shared/SCALEOUT.md, section 4). Pure functions.
 //!
 //! Every key of an index starts with `lsh:<uid>:`, so a drop or a check finds them by one
-//! pattern. A hash tag (`{…}`) puts an item's records in one slot, so one `MULTI` writes them
-//! all; buckets and id keys carry no tag and spread over the slots.
+//! pattern. A hash tag (`{…}`) puts an item's records in one slot (one command removes them
+//! all, and they travel in one primary's pipeline); buckets and id keys carry no tag and spread
+//! over the slots.
 
 /// name → `IndexRecord` (protobuf), the catalog of every replica.
 pub const CATALOG: &str = "lsh:cat";

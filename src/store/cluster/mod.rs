@@ -6,8 +6,9 @@
 //! planes, under a uid that is never reused): item numbers come from `INCRBY`, liveness and
 //! sketches are read per query, so no replica's writes can make another replica's state wrong.
 //!
-//! Layout (`keys`): buckets are written first and an item's records next, in one `MULTI` of
-//! its slot; its id key is set last, and that is the commit. A bucket entry counts only when
+//! Layout (`keys`): a batch's bucket entries and its items' records are written first (in one
+//! round trip: one pipeline per primary, `slots`), the items' id keys last, and that is the
+//! commit. A bucket entry counts only when
 //! the item's codes exist and match the bucket, and a record only when its id key names it: an
 //! ingest that crashes half-way, a retried batch, a replaced or deleted item leave entries and
 //! records that no query sees (`imagelsh check --repair` removes them). No cross-slot
@@ -20,6 +21,7 @@ mod check;
 mod items;
 pub mod keys;
 mod nodes;
+mod slots;
 
 use std::time::Duration;
 
@@ -78,6 +80,8 @@ pub struct ClusterStore {
     connection: ClusterConnection,
     ack: AckPolicy,
     seeds: Vec<String>,
+    /// Which primary serves each slot, to send a batch's commands in one pipeline per primary.
+    slots: std::sync::Arc<slots::SharedSlotMap>,
 }
 
 /// An index as the catalog names it.
@@ -122,7 +126,7 @@ impl ClusterStore {
             .build()
             .map_err(backend)?;
         let connection = client.get_async_connection().await.map_err(backend)?;
-        let store = Self { connection, ack, seeds };
+        let store = Self { connection, ack, seeds, slots: Default::default() };
         if ack.level == AckLevel::ReplicaFsync && !store.has_command("WAITAOF").await? {
             return Err(StoreError::Backend(
                 "--ack replica-fsync needs WAITAOF (Valkey, or Redis 7.2 or later); this cluster's servers lack it: \
