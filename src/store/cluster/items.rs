@@ -113,8 +113,7 @@ impl ClusterStore {
         let previous: Vec<Option<u32>> = decode_all(self.run_grouped(commits).await?)?;
         crate::failpoint::crash_point("cluster-ids-written");
         // A commit repeated after a lost reply reads its own number: nothing was replaced then.
-        let replaced: Vec<u32> =
-            previous.iter().zip(&numbers).filter_map(|(p, n)| p.filter(|p| p != n)).collect();
+        let replaced: Vec<u32> = previous.iter().zip(&numbers).filter_map(|(p, n)| p.filter(|p| p != n)).collect();
         let added = items.len() - replaced.len();
         self.forget(uid, &replaced, added as i64).await?;
         let ack = self.acknowledge().await?;
@@ -273,7 +272,8 @@ fn decode_all<T: redis::FromRedisValue>(replies: Vec<redis::Value>) -> Result<Ve
     replies
         .into_iter()
         .map(|reply| {
-            redis::from_redis_value(reply).map_err(|e| StoreError::Corrupt(format!("a reply of the cluster store: {e}")))
+            redis::from_redis_value(reply)
+                .map_err(|e| StoreError::Corrupt(format!("a reply of the cluster store: {e}")))
         })
         .collect()
 }

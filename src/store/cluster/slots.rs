@@ -91,10 +91,10 @@ impl ClusterStore {
             return Ok(map);
         }
         let reply: Value = self.run(redis::cmd("CLUSTER").arg("SLOTS")).await?;
-        let map = Arc::new(
-            SlotMap::parse(&reply)
-                .ok_or_else(|| StoreError::Unavailable("the cluster answered CLUSTER SLOTS with no slot map".into()))?,
-        );
+        let map =
+            Arc::new(SlotMap::parse(&reply).ok_or_else(|| {
+                StoreError::Unavailable("the cluster answered CLUSTER SLOTS with no slot map".into())
+            })?);
         *self.slots.0.write().unwrap_or_else(|e| e.into_inner()) = Some(map.clone());
         Ok(map)
     }
@@ -121,7 +121,12 @@ impl ClusterStore {
         Err(last_error.map_or_else(|| StoreError::Unavailable("the cluster topology keeps changing".into()), backend))
     }
 
-    async fn send_grouped(&self, map: &SlotMap, cmds: &[(String, Cmd)], slots: &[u16]) -> redis::RedisResult<Vec<Value>> {
+    async fn send_grouped(
+        &self,
+        map: &SlotMap,
+        cmds: &[(String, Cmd)],
+        slots: &[u16],
+    ) -> redis::RedisResult<Vec<Value>> {
         // Per primary: its pipeline, the positions of its commands, a slot it serves.
         let mut groups: Vec<(redis::Pipeline, Vec<usize>, u16)> = Vec::new();
         let mut group_of: Vec<Option<usize>> = vec![None; map.nodes.len() + 1];
@@ -179,7 +184,11 @@ mod tests {
     #[test]
     fn a_cluster_slots_reply_maps_every_slot_to_its_primary() {
         let node = |port: i64| {
-            Value::Array(vec![Value::BulkString(b"127.0.0.1".to_vec()), Value::Int(port), Value::BulkString(b"id".to_vec())])
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
         };
         let reply = Value::Array(vec![
             Value::Array(vec![Value::Int(0), Value::Int(5460), node(7000), node(7003)]),
@@ -189,6 +198,9 @@ mod tests {
         let map = SlotMap::parse(&reply).expect("a map");
         assert_eq!(map.nodes, ["127.0.0.1:7000", "127.0.0.1:7001"]);
         assert_eq!((map.owner(0), map.owner(5461), map.owner(16383)), (0, 1, 0));
-        assert_eq!(SlotMap::parse(&Value::Array(vec![Value::Array(vec![Value::Int(3), Value::Int(1), node(1)])])), None);
+        assert_eq!(
+            SlotMap::parse(&Value::Array(vec![Value::Array(vec![Value::Int(3), Value::Int(1), node(1)])])),
+            None
+        );
     }
 }
