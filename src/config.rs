@@ -36,12 +36,17 @@ pub struct ClusterConfig {
     /// memory), `replica-fsync` (WAITAOF: fsynced on the primary and a replica; Valkey or
     /// Redis 7.2+, and fast only with `appendfsync always`). A batch short of it is refused
     /// UNAVAILABLE and the clients retry.
-    #[arg(long, env = "IMAGELSH_ACK", value_enum, default_value_t = AckLevel::Replica)]
+    #[arg(long, env = "IMAGELSH_ACK", default_value_t = AckLevel::Replica, value_parser = ack_level)]
     pub ack: AckLevel,
 
     /// How long the acknowledgement waits for replicas before the batch is refused.
     #[arg(long, env = "IMAGELSH_ACK_TIMEOUT_MS", default_value_t = 2000)]
     pub ack_timeout_ms: u64,
+}
+
+/// `--ack`'s values (the store's type knows nothing of the command line).
+fn ack_level(s: &str) -> Result<AckLevel, String> {
+    s.parse()
 }
 
 impl ClusterConfig {

@@ -28,10 +28,13 @@ impl SharedIndex {
         let depth = depth.max(top_k);
         let ranked = match (rerank, &self.sketch) {
             (false, _) => {
+                // As the embedded store: every item tied with the `top_k`-th by votes goes on to
+                // the hits, which order ties by id (and a few more, for items found dead there).
                 let mut by_votes: Vec<Ranked> =
                     contenders.iter().map(|c| Ranked { number: c.number, votes: c.votes, similarity: 0.0 }).collect();
-                by_votes.sort_by(|a, b| b.votes.cmp(&a.votes).then(a.number.cmp(&b.number)));
-                by_votes.truncate(2 * top_k);
+                by_votes.sort_by_key(|r| std::cmp::Reverse(r.votes));
+                let cut = by_votes.get((2 * top_k).min(by_votes.len()).saturating_sub(1)).map_or(0, |r| r.votes);
+                by_votes.retain(|r| r.votes >= cut);
                 by_votes
             }
             (true, Some(sketch)) => {

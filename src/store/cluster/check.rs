@@ -82,7 +82,7 @@ impl ClusterStore {
                     Some((_, Some(item))) => {
                         live.insert(number, item.codes);
                     }
-                    _ => dangling.push(id.clone()),
+                    _ => dangling.push((id.clone(), number)),
                 }
             }
         }
@@ -90,7 +90,7 @@ impl ClusterStore {
         let orphans: Vec<u32> = with_records.iter().filter(|n| !live.contains_key(n)).copied().collect();
         problems.orphan_records = orphans.len() as u64;
         // Entries by bucket: stale ones to take out, and which live items each bucket holds.
-        let mut stale: Vec<((u16, u64), Vec<u32>)> = Vec::new();
+        let mut stale: Vec<((u16, u64), Vec<StaleEntry>)> = Vec::new();
         let mut present: HashSet<(u16, u32)> = HashSet::new();
         let mut entries = 0u64;
         for chunk in buckets.chunks(PAGE) {
@@ -102,7 +102,7 @@ impl ClusterStore {
                     if belongs && present.insert((table, number)) {
                         continue;
                     }
-                    gone.push(number);
+                    gone.push(StaleEntry { number, duplicate: belongs });
                 }
                 if !gone.is_empty() {
                     problems.stale_entries += gone.len() as u64;
@@ -132,48 +132,64 @@ impl ClusterStore {
         };
         if repair && !report.problems.is_empty() {
             tokio::time::sleep(grace).await;
-            self.repair(uid, &orphans, &stale, &missing, &dangling, live.len() as u64).await?;
+            let found = Found { orphans, stale, missing, dangling, count: (live.len() as u64, stored) };
+            self.repair(uid, tables, words, &found).await?;
             report.repaired = true;
         }
         Ok(report)
     }
 
-    async fn repair(
+    /// Which of `numbers` are live now: named by the id in their record, with codes.
+    async fn live_now(
         &self,
         uid: u64,
-        orphans: &[u32],
-        stale: &[((u16, u64), Vec<u32>)],
-        missing: &[(u16, u64, u32)],
-        dangling: &[String],
-        count: u64,
-    ) -> Result<(), StoreError> {
-        // Records still unnamed after the grace (read again: a writer may have committed one).
-        let mut still: Vec<u32> = Vec::new();
-        for chunk in orphans.chunks(PAGE) {
+        numbers: &[u32],
+        tables: usize,
+        words: usize,
+    ) -> Result<HashMap<u32, Vec<u64>>, StoreError> {
+        let mut live = HashMap::new();
+        for chunk in numbers.chunks(PAGE) {
             let bodies = self.bodies(uid, chunk, false).await?;
-            let named_ids: Vec<&str> = bodies.iter().flatten().map(|b| b.id.as_str()).collect();
-            let named = self.numbers(uid, &named_ids).await?;
-            let mut named = named.into_iter();
-            for (&number, body) in chunk.iter().zip(&bodies) {
-                let now_named = body.is_some() && named.next().flatten() == Some(number);
-                if !now_named {
-                    still.push(number);
+            let ids: Vec<&str> = bodies.iter().flatten().map(|b| b.id.as_str()).collect();
+            let mut named = self.numbers(uid, &ids).await?.into_iter();
+            let named: Vec<u32> = chunk
+                .iter()
+                .zip(&bodies)
+                .filter(|(_, body)| body.is_some())
+                .filter_map(|(&number, _)| (named.next().flatten() == Some(number)).then_some(number))
+                .collect();
+            for (number, codes) in named.iter().zip(self.codes(uid, &named, tables, words).await?) {
+                if let Some(codes) = codes {
+                    live.insert(*number, codes.codes);
                 }
             }
         }
-        let still_set: HashSet<u32> = still.iter().copied().collect();
+        Ok(live)
+    }
+
+    /// Repairs what a check found, after reading again what a writer may have changed since:
+    /// records and entries of items committed meanwhile stay; an id is removed only if it
+    /// still names the item without records.
+    async fn repair(&self, uid: u64, tables: usize, words: usize, found: &Found) -> Result<(), StoreError> {
+        let mut questioned: Vec<u32> = found.orphans.clone();
+        questioned.extend(found.stale.iter().flat_map(|(_, entries)| entries.iter().map(|e| e.number)));
+        questioned.sort_unstable();
+        questioned.dedup();
+        let live = self.live_now(uid, &questioned, tables, words).await?;
         let mut cmds = Vec::new();
-        for &number in &still {
+        for number in found.orphans.iter().filter(|n| !live.contains_key(n)) {
             let mut cmd = redis::cmd("UNLINK");
             Part::ALL.iter().for_each(|&part| {
-                cmd.arg(keys::item(uid, number, part));
+                cmd.arg(keys::item(uid, *number, part));
             });
             cmds.push(cmd);
         }
-        for ((table, code), numbers) in stale {
-            // Entries of orphans not yet removable stay (a writer may be committing them).
+        for ((table, code), entries) in &found.stale {
+            let belongs = |n: u32| live.get(&n).is_some_and(|codes| codes.get(*table as usize) == Some(code));
+            // A second entry of a live item goes (one occurrence); an entry of an item live now
+            // with this code stays.
             let removable: Vec<u32> =
-                numbers.iter().filter(|n| still_set.contains(n) || !orphans.contains(n)).copied().collect();
+                entries.iter().filter(|e| e.duplicate || !belongs(e.number)).map(|e| e.number).collect();
             if removable.is_empty() {
                 continue;
             }
@@ -181,23 +197,51 @@ impl ClusterStore {
             cmd.arg(REMOVE_ENTRIES).arg(1).arg(keys::bucket(uid, *table, *code)).arg(keys::encode_numbers(&removable));
             cmds.push(cmd);
         }
-        for &(table, code, number) in missing {
+        for &(table, code, number) in &found.missing {
             let mut cmd = redis::cmd("APPEND");
             cmd.arg(keys::bucket(uid, table, code)).arg(keys::encode_numbers(&[number]));
             cmds.push(cmd);
         }
-        for id in dangling {
-            let mut cmd = redis::cmd("UNLINK");
-            cmd.arg(keys::id(uid, id));
+        for (id, number) in &found.dangling {
+            // Only if it still names that item: a client may have ingested the id again.
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(REMOVE_IF_NAMES).arg(1).arg(keys::id(uid, id)).arg(*number);
             cmds.push(cmd);
         }
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(keys::count(uid)).arg(count);
         self.run_all::<redis::Value>(cmds).await?;
-        self.run::<()>(&cmd).await?;
+        // By the difference found, so that writes meanwhile keep their counts.
+        let (counted, stored) = found.count;
+        if counted != stored {
+            let delta = counted as i64 - stored as i64;
+            self.run::<i64>(redis::cmd("INCRBY").arg(keys::count(uid)).arg(delta)).await?;
+        }
         self.acknowledge().await.map(drop)
     }
 }
+
+/// What a check found to repair.
+struct Found {
+    orphans: Vec<u32>,
+    stale: Vec<((u16, u64), Vec<StaleEntry>)>,
+    missing: Vec<(u16, u64, u32)>,
+    /// Ids naming an item without records, with that item.
+    dangling: Vec<(String, u32)>,
+    /// Live items counted, and the count stored, when checked.
+    count: (u64, u64),
+}
+
+/// A bucket entry that no live item accounts for, when checked.
+struct StaleEntry {
+    number: u32,
+    /// A second entry of an item live with this code (the first stays).
+    duplicate: bool,
+}
+
+/// Deletes the id key KEYS[1] if it still names item ARGV[1].
+const REMOVE_IF_NAMES: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
 
 /// Takes each entry of ARGV[1] (packed u32) out of the bucket KEYS[1] once, atomically, so
 /// that entries appended meanwhile stay. Deletes the bucket when nothing is left.

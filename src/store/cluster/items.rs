@@ -99,25 +99,40 @@ impl ClusterStore {
         self.run_grouped(writes).await?;
         crate::failpoint::crash_point("cluster-records-written");
 
-        // The commit: each id names its new item; what it named before is replaced.
+        // The commit: each id names its new item unless it names a newer one already (a
+        // compare-and-set, so that a commit sent twice, by a retry after a lost reply or a
+        // pipeline re-sent after a moved slot, changes nothing the second time).
         let commits = items
             .iter()
             .zip(&numbers)
             .map(|(item, &number)| {
                 let key = keys::id(uid, &item.id);
-                let mut cmd = redis::cmd("SET");
-                cmd.arg(&key).arg(number).arg("GET");
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(COMMIT).arg(1).arg(&key).arg(number);
                 (key, cmd)
             })
             .collect();
-        let previous: Vec<Option<u32>> = decode_all(self.run_grouped(commits).await?)?;
+        let outcomes: Vec<(i64, i64)> = decode_all(self.run_grouped(commits).await?)?;
         crate::failpoint::crash_point("cluster-ids-written");
-        // A commit repeated after a lost reply reads its own number: nothing was replaced then.
-        let replaced: Vec<u32> = previous.iter().zip(&numbers).filter_map(|(p, n)| p.filter(|p| p != n)).collect();
-        let added = items.len() - replaced.len();
-        self.forget(uid, &replaced, added as i64).await?;
+        let mut replaced = Vec::new();
+        let mut superseded = Vec::new();
+        let mut added = 0i64;
+        for (&(named, set), &number) in outcomes.iter().zip(&numbers) {
+            match (set, named) {
+                (1, 0) => added += 1,
+                (1, previous) => replaced.push(previous as u32),
+                // Already ours (a repeated commit): what it replaced was counted the first time.
+                (_, current) if current == i64::from(number) => {}
+                // A newer item of this id was committed meanwhile (by another replica): ours
+                // was never visible.
+                _ => superseded.push(number),
+            }
+        }
+        let count = replaced.len() as u32;
+        replaced.extend(superseded);
+        self.forget(uid, &replaced, added).await?;
         let ack = self.acknowledge().await?;
-        Ok(WriteReport { replaced: replaced.len() as u32, ack })
+        Ok(WriteReport { replaced: count, ack })
     }
 
     /// Deletes the items these ids name; returns how many existed.
@@ -141,7 +156,7 @@ impl ClusterStore {
     /// Removes the records of items no id names any more (invisible already) and moves the
     /// live count by `delta`.
     async fn forget(&self, uid: u64, numbers: &[u32], delta: i64) -> Result<(), StoreError> {
-        let mut cmds: Vec<(String, redis::Cmd)> = numbers
+        let cmds: Vec<(String, redis::Cmd)> = numbers
             .iter()
             .map(|&number| {
                 // All parts share the item's slot: one command.
@@ -152,12 +167,12 @@ impl ClusterStore {
                 (keys::item(uid, number, Part::Codes), cmd)
             })
             .collect();
+        self.run_grouped(cmds).await?;
         if delta != 0 {
-            let mut cmd = redis::cmd("INCRBY");
-            cmd.arg(keys::count(uid)).arg(delta);
-            cmds.push((keys::count(uid), cmd));
+            // Alone, not in a pipeline that a moved slot would send again.
+            self.run::<i64>(redis::cmd("INCRBY").arg(keys::count(uid)).arg(delta)).await?;
         }
-        self.run_grouped(cmds).await.map(drop)
+        Ok(())
     }
 
     /// The item numbers in each of these buckets, in order (entries of dead items included).
@@ -258,6 +273,16 @@ impl ClusterStore {
         decode_all(self.run_grouped(gets).await?)
     }
 }
+
+/// Sets the id key KEYS[1] to item ARGV[1] unless it names a newer (or the same) item; returns
+/// {the number it named before or 0, 1 if set else 0}.
+const COMMIT: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local number = tonumber(ARGV[1])
+if current >= number then return {current, 0} end
+redis.call('SET', KEYS[1], ARGV[1])
+return {current, 1}
+"#;
 
 /// `SET` of one part of an item, with its key.
 fn set_part(uid: u64, number: u32, part: Part, value: Vec<u8>) -> (String, redis::Cmd) {

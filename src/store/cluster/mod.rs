@@ -37,7 +37,7 @@ use super::{IndexDef, IndexParams, StoreError, def_of, record_of};
 use crate::storage_proto::IndexRecord;
 
 /// What an acknowledged write has reached before its ack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AckLevel {
     /// The primaries' memory (and their AOF as `appendfsync` says): a failover can lose it.
     Local,
@@ -46,6 +46,23 @@ pub enum AckLevel {
     Replica,
     /// `WAITAOF 1 1`: fsynced on the primary and on at least one replica (Valkey, Redis ≥ 7.2).
     ReplicaFsync,
+}
+
+impl std::str::FromStr for AckLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [AckLevel::Local, AckLevel::Replica, AckLevel::ReplicaFsync]
+            .into_iter()
+            .find(|level| level.as_str() == s)
+            .ok_or_else(|| format!("{s:?}: expected local, replica or replica-fsync"))
+    }
+}
+
+impl std::fmt::Display for AckLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl AckLevel {
@@ -89,6 +106,8 @@ pub struct ClusterStore {
 pub struct ClusterIndex {
     pub def: IndexDef,
     pub uid: u64,
+    /// Its catalog entry as stored (a drop removes exactly this one).
+    record: Vec<u8>,
 }
 
 /// The matrices an index was created with.
@@ -191,14 +210,14 @@ impl ClusterStore {
         self.run_all::<()>(sets).await?;
         self.acknowledge().await?;
         let record = record_of(def, uid).encode_to_vec();
-        let created: bool = self.run(redis::cmd("HSETNX").arg(keys::CATALOG).arg(&def.name).arg(record)).await?;
+        let created: bool = self.run(redis::cmd("HSETNX").arg(keys::CATALOG).arg(&def.name).arg(&record)).await?;
         if !created {
             // Another replica won the name: its matrices are the index's, ours go.
             self.remove_keys(uid).await?;
             return Err(StoreError::AlreadyExists(def.name.clone()));
         }
         self.acknowledge().await?;
-        Ok(ClusterIndex { def: def.clone(), uid })
+        Ok(ClusterIndex { def: def.clone(), uid, record })
     }
 
     /// The index of that name now (another replica may have dropped or re-created it).
@@ -219,13 +238,15 @@ impl ClusterStore {
     pub async fn drop_index(&self, index: &ClusterIndex) -> Result<bool, StoreError> {
         // Only this uid's entry: a replica that re-created the name meanwhile keeps its index.
         const REMOVE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
-        let record = record_of(&index.def, index.uid).encode_to_vec();
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(REMOVE_IF_SAME).arg(1).arg(keys::CATALOG).arg(&index.def.name).arg(record);
+        cmd.arg(REMOVE_IF_SAME).arg(1).arg(keys::CATALOG).arg(&index.def.name).arg(&index.record);
         let removed: i64 = self.run(&cmd).await?;
+        if removed != 1 {
+            return Ok(false);
+        }
         self.acknowledge().await?;
         self.remove_keys(index.uid).await?;
-        Ok(removed == 1)
+        Ok(true)
     }
 
     pub async fn matrices(&self, uid: u64) -> Result<IndexMatrices, StoreError> {
@@ -278,14 +299,16 @@ fn set(key: String, value: Vec<u8>) -> Cmd {
 
 fn decode_index(bytes: &[u8]) -> Result<ClusterIndex, StoreError> {
     let record = IndexRecord::decode(bytes)?;
-    Ok(ClusterIndex { def: def_of(&record), uid: record.uid })
+    Ok(ClusterIndex { def: def_of(&record), uid: record.uid, record: bytes.to_vec() })
 }
 
 /// The crate's error as the store's: what a retry may cure (a connection lost, a failover
 /// under way, too few replicas) is `Unavailable`, by the crate's typed retry advice and the
 /// server's error code, never by message text.
 fn backend(e: RedisError) -> StoreError {
-    let transient = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+    // A wrong password or a reply the crate cannot parse is no passing state.
+    let lasting = matches!(e.kind(), redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Parse);
+    let transient = !lasting && !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
         || e.is_io_error()
         || matches!(e.code(), Some("NOREPLICAS" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "LOADING"));
     if transient {

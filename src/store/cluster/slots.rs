@@ -4,8 +4,12 @@
 //! single-key commands by the primary that serves their slot (from `CLUSTER SLOTS`), and sends
 //! each group through the crate, routed by its first key's slot. A group that meets a moved
 //! slot or a failover is answered with an error: the map is read again and the commands
-//! regrouped, a few times, before the batch fails (the commands sent this way are idempotent,
-//! or harmless when repeated).
+//! regrouped, a few times, before the batch fails. Groups already answered are sent again
+//! then (and the crate re-sends a whole group to a MOVED target), so only commands that a
+//! repeat leaves right go this way: `GET`, `SET` of a record, `UNLINK`, `APPEND` of bucket
+//! entries (a repeated entry counts once per table, and `check --repair` removes it), the
+//! commit's compare-and-set (a repeat finds its own number and changes nothing), `GETDEL` (a
+//! repeat finds nothing: the delete reports fewer ids than it removed). Counters go alone.
 
 use std::sync::{Arc, RwLock};
 
