@@ -326,3 +326,42 @@ async fn a_bulk_job_over_two_replicas_finishes_through_one_when_the_other_is_kil
     assert_eq!(number(&summary, "indexed"), IMAGES, "{summary}");
     assert_eq!(items_in(&mut client, "two").await, IMAGES);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_writing_the_same_ids_at_once_leave_each_id_naming_one_whole_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(&dir.path().join("cluster"), "everysec");
+    let a = cluster_server(&dir.path().join("a"), &cluster, &[]);
+    let b = cluster_server(&dir.path().join("b"), &cluster, &[]);
+    let mut client = a.client().await;
+    create(&mut client, "same", DIM as u32, 8, 8).await;
+    let vectors = clustered(64, DIM, 8, 0.05, 21);
+    // Each replica writes every id 10 times over, with its own label, at the same time.
+    let write = |server: &TestServer, label: &'static str| {
+        let addr = server.addr.clone();
+        let vectors = vectors.clone();
+        tokio::spawn(async move {
+            let mut client = lazy_client(&addr);
+            for round in 0..10u64 {
+                let items = vectors.iter().enumerate().map(|(i, v)| vector_item(format!("s{i}"), label, v)).collect();
+                ingest(&mut client, vec![batch("same", round, items)]).await.expect("ingest");
+            }
+        })
+    };
+    let (from_a, from_b) = (write(&a, "a"), write(&b, "b"));
+    from_a.await.unwrap();
+    from_b.await.unwrap();
+    let ids: Vec<String> = (0..64).map(|i| format!("s{i}")).collect();
+    let got = found(&mut client, "same", &ids).await;
+    assert!(got.missing.is_empty(), "ids lost: {:?}", got.missing);
+    let info = client.get_index(proto::GetIndexRequest { name: "same".into() }).await.expect("get index").into_inner();
+    assert_eq!(info.items, 64, "the count");
+    for (i, v) in vectors.iter().enumerate() {
+        let hits = client.query(query_vector("same", v, 3)).await.expect("query").into_inner().hits;
+        assert_eq!(hits[0].id, format!("s{i}"));
+        assert_eq!(hits.iter().filter(|h| h.id == hits[0].id).count(), 1, "one item per id: {hits:?}");
+    }
+    // No id names an item without records, nothing is missing from a bucket.
+    let out = check(&cluster, false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
