@@ -15,11 +15,13 @@ use support::{
     run_queries,
 };
 
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
-
 use imagelsh::proto::SearchPlan;
+
+// The tests' loopback cluster: six free ports, stopped and removed on drop.
+#[allow(dead_code)]
+#[path = "../tests/common/cluster.rs"]
+mod cluster;
+use cluster::TestCluster;
 
 struct Args {
     items: usize,
@@ -32,61 +34,32 @@ struct Args {
 fn args() -> Args {
     let mut a =
         Args { items: 100_000, queries: 500, streams: 4, ack: "replica".into(), appendfsync: "everysec".into() };
-    let argv: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < argv.len() {
-        let value = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
+    for (flag, value) in support::flag_values() {
+        match flag.as_str() {
             "--items" => a.items = value.parse().expect("--items N"),
             "--queries" => a.queries = value.parse().expect("--queries N"),
             "--streams" => a.streams = value.parse().expect("--streams N"),
             "--ack" => a.ack = value,
             "--appendfsync" => a.appendfsync = value,
-            _ => {
-                i += 1;
-                continue;
-            }
+            _ => {}
         }
-        i += 2;
     }
     a
 }
 
-/// The loopback cluster, stopped (and its files removed) on drop.
-struct Cluster {
-    dir: std::path::PathBuf,
-    base: u16,
-    url: String,
-}
-
-impl Cluster {
-    fn start(dir: &Path, appendfsync: &str) -> Self {
-        let base: u16 = std::env::var("BENCH_CLUSTER_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(27100);
-        let out = Command::new("scripts/cluster")
-            .arg("start")
-            .arg(dir)
-            .arg(base.to_string())
-            .env("CLUSTER_APPENDFSYNC", appendfsync)
-            .output()
-            .expect("scripts/cluster");
-        assert!(out.status.success(), "cluster start: {}", String::from_utf8_lossy(&out.stderr));
-        Cluster { dir: dir.to_path_buf(), base, url: String::from_utf8_lossy(&out.stdout).trim().to_string() }
-    }
-
-    /// A field of INFO summed over the three primaries.
-    fn primaries_sum(&self, section: &str, field: &str) -> u64 {
-        (0..3)
-            .map(|i| {
-                let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.base + i)).unwrap();
-                let mut c = client.get_connection().unwrap();
-                let info: String = redis::cmd("INFO").arg(section).query(&mut c).unwrap();
-                info.lines()
-                    .find_map(|l| l.strip_prefix(&format!("{field}:")))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .sum()
-    }
+/// A field of INFO summed over the cluster's three primaries.
+fn primaries_sum(cluster: &TestCluster, section: &str, field: &str) -> u64 {
+    (0..3)
+        .map(|i| {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{}", cluster.base + i)).unwrap();
+            let mut c = client.get_connection().unwrap();
+            let info: String = redis::cmd("INFO").arg(section).query(&mut c).unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// CPU seconds (user + system) a process has used, from /proc (0 when gone).
@@ -97,22 +70,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
-}
-
-impl Cluster {
-    fn pids(&self) -> Vec<u32> {
-        std::fs::read_to_string(self.dir.join("pids"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("scripts/cluster").arg("stop").arg(&self.dir).arg("--clean").status();
-    }
 }
 
 struct Row {
@@ -132,15 +89,15 @@ async fn measure(
     data: &[f32],
     queries: &[f32],
     streams: usize,
-    cluster: Option<&Cluster>,
+    cluster: Option<&TestCluster>,
 ) -> Row {
     create_bench_index(&servers[0], 12, 16).await;
     let rows: Vec<&[f32]> = data.chunks(DIM).collect();
     let per_stream = rows.len().div_ceil(streams);
-    let commands = || cluster.map_or(0, |c| c.primaries_sum("stats", "total_commands_processed"));
+    let commands = || cluster.map_or(0, |c| primaries_sum(c, "stats", "total_commands_processed"));
     let cpu = || {
         let servers_cpu: f64 = servers.iter().map(|s| cpu_seconds(s.pid())).sum();
-        let cluster_cpu: f64 = cluster.map_or(0.0, |c| c.pids().into_iter().map(cpu_seconds).sum());
+        let cluster_cpu: f64 = cluster.map_or(0.0, |c| c.pids().into_iter().map(|(_, pid)| cpu_seconds(pid)).sum());
         (servers_cpu, cluster_cpu)
     };
     let cpu_before = cpu();
@@ -168,12 +125,11 @@ async fn measure(
     };
     let cluster = cluster.map(|c| {
         let items = rows.len() as f64;
-        let memory = c.primaries_sum("memory", "used_memory") as f64 / items;
+        let memory = primaries_sum(c, "memory", "used_memory") as f64 / items;
         let per_item = (after_ingest - before) as f64 / items;
         let per_query = (after_queries - after_ingest) as f64 / (queries.len() / DIM) as f64;
         (per_item, per_query, memory)
     });
-    let _ = per_stream;
     Row { name: name.into(), rate: rows.len() as f64 / took.as_secs_f64(), tables, auto, cluster, ingest_cpu }
 }
 
@@ -204,7 +160,7 @@ fn main() {
             rows.push(measure("sled (embedded)", &sled, &data, &queries, a.streams, None).await);
         }
         for replicas in [1usize, 2] {
-            let cluster = Cluster::start(&dir.path().join(format!("cluster{replicas}")), &a.appendfsync);
+            let cluster = TestCluster::start(&dir.path().join(format!("cluster{replicas}")), &a.appendfsync);
             let store = ["--store", cluster.url.as_str(), "--ack", a.ack.as_str()];
             let servers: Vec<Server> = (0..replicas)
                 .map(|n| Server::start_with(&dir.path().join(format!("r{replicas}-{n}")), &store))
@@ -245,5 +201,4 @@ fn main() {
             cluster.1
         );
     }
-    let _ = Duration::ZERO;
 }

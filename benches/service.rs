@@ -44,11 +44,8 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args { items: 100_000, queries: 1_000, streams: 1, shapes: vec![(8, 10), (12, 16)], replace_rounds: 0 };
-    let argv: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < argv.len() {
-        let value = argv.get(i + 1).cloned().unwrap_or_default();
-        match argv[i].as_str() {
+    for (flag, value) in support::flag_values() {
+        match flag.as_str() {
             "--items" => a.items = value.parse().expect("--items N"),
             "--queries" => a.queries = value.parse().expect("--queries N"),
             "--streams" => a.streams = value.parse().expect("--streams N"),
@@ -62,12 +59,8 @@ fn args() -> Args {
                     })
                     .collect()
             }
-            _ => {
-                i += 1;
-                continue;
-            }
+            _ => {}
         }
-        i += 2;
     }
     a
 }

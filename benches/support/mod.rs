@@ -16,6 +16,24 @@ use tonic::transport::Channel;
 /// The benchmarks' embedding size (the default model's).
 pub const DIM: usize = 1280;
 
+/// The benchmark's `--flag value` pairs (flags without a value, such as cargo's `--bench`,
+/// are skipped).
+pub fn flag_values() -> Vec<(String, String)> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut pairs = Vec::new();
+    let mut i = 0;
+    while i < argv.len() {
+        match argv.get(i + 1) {
+            Some(value) if argv[i].starts_with("--") && !value.starts_with("--") => {
+                pairs.push((argv[i].clone(), value.clone()));
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    pairs
+}
+
 /// Bytes of all files below `path`.
 pub fn dir_bytes(path: &Path) -> u64 {
     std::fs::read_dir(path)

@@ -51,13 +51,21 @@ impl TestCluster {
         panic!("no cluster could be started (is scripts/setup-valkey or VALKEY_SERVER usable?)");
     }
 
-    /// The pid of the node on `port`.
-    fn pid(&self, port: u16) -> u32 {
+    /// (port, pid) of each node started, the latest last.
+    pub fn pids(&self) -> Vec<(u16, u32)> {
         let pids = std::fs::read_to_string(self.dir.join("pids")).expect("the cluster's pid file");
         pids.lines()
             .filter_map(|line| line.split_once(' '))
-            .filter(|(p, _)| p.parse() == Ok(port))
-            .filter_map(|(_, pid)| pid.trim().parse().ok())
+            .filter_map(|(port, pid)| Some((port.parse().ok()?, pid.trim().parse().ok()?)))
+            .collect()
+    }
+
+    /// The pid of the node on `port`.
+    fn pid(&self, port: u16) -> u32 {
+        let pids = self.pids();
+        pids.iter()
+            .filter(|(p, _)| *p == port)
+            .map(|&(_, pid)| pid)
             .next_back()
             .unwrap_or_else(|| panic!("no pid for port {port}"))
     }
@@ -67,13 +75,6 @@ impl TestCluster {
         let pid = self.pid(port);
         let status = Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill");
         assert!(status.success(), "kill -9 {pid}");
-    }
-
-    /// Restarts the node on `port` with its data; it rejoins (as a replica if it failed over).
-    pub fn restart(&self, port: u16) {
-        let status =
-            Command::new(script()).args(["restart"]).arg(&self.dir).arg(port.to_string()).status().expect("restart");
-        assert!(status.success(), "restart node {port}");
     }
 
     /// Restarts the node on `port` after `delay`, on a thread of its own (as an orchestrator

@@ -36,10 +36,6 @@ impl SharedEngine {
         Self { store, default_dim, opened: Mutex::new(HashMap::new()) }
     }
 
-    pub fn store(&self) -> &ClusterStore {
-        &self.store
-    }
-
     pub fn shape_for(&self, dim: u32, hash_bits: u32, tables: u32, sketch_bits: u32) -> IndexShape {
         IndexShape::with_defaults(dim, hash_bits, tables, sketch_bits, self.default_dim)
     }

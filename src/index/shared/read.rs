@@ -163,7 +163,7 @@ impl SharedIndex {
     ) -> Result<Vec<Hit>, IndexError> {
         let numbers: Vec<u32> = ranked.iter().map(|r| r.number).collect();
         let bodies = self.store.bodies(self.uid, &numbers, exact).await?;
-        let live = self.live(&numbers, &bodies).await?;
+        let live = self.store.still_named(self.uid, &numbers, &bodies).await?;
         let tables = self.def.tables as f32;
         let mut hits: Vec<Hit> = ranked
             .into_iter()
@@ -191,17 +191,6 @@ impl SharedIndex {
         });
         hits.truncate(top_k);
         Ok(hits)
-    }
-
-    /// Whether each item's id still names it (its commit done, not replaced nor deleted since).
-    async fn live(&self, numbers: &[u32], bodies: &[Option<ItemBody>]) -> Result<Vec<bool>, IndexError> {
-        let ids: Vec<&str> = bodies.iter().flatten().map(|b| b.id.as_str()).collect();
-        let mut named = self.store.numbers(self.uid, &ids).await?.into_iter();
-        Ok(numbers
-            .iter()
-            .zip(bodies)
-            .map(|(&number, body)| body.is_some() && named.next().flatten() == Some(number))
-            .collect())
     }
 
     /// The live items with these ids (a repeated id once), with what `fields` asks for.

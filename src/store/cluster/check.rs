@@ -150,14 +150,8 @@ impl ClusterStore {
         let mut live = HashMap::new();
         for chunk in numbers.chunks(PAGE) {
             let bodies = self.bodies(uid, chunk, false).await?;
-            let ids: Vec<&str> = bodies.iter().flatten().map(|b| b.id.as_str()).collect();
-            let mut named = self.numbers(uid, &ids).await?.into_iter();
-            let named: Vec<u32> = chunk
-                .iter()
-                .zip(&bodies)
-                .filter(|(_, body)| body.is_some())
-                .filter_map(|(&number, _)| (named.next().flatten() == Some(number)).then_some(number))
-                .collect();
+            let still = self.still_named(uid, chunk, &bodies).await?;
+            let named: Vec<u32> = chunk.iter().zip(still).filter_map(|(&n, named)| named.then_some(n)).collect();
             for (number, codes) in named.iter().zip(self.codes(uid, &named, tables, words).await?) {
                 if let Some(codes) = codes {
                     live.insert(*number, codes.codes);

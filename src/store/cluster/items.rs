@@ -250,6 +250,23 @@ impl ClusterStore {
             .collect()
     }
 
+    /// Whether each item's id still names it (committed, neither replaced nor deleted since),
+    /// given its record as read (`None`: no record, so no).
+    pub async fn still_named(
+        &self,
+        uid: u64,
+        numbers: &[u32],
+        bodies: &[Option<ItemBody>],
+    ) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<&str> = bodies.iter().flatten().map(|b| b.id.as_str()).collect();
+        let mut named = self.numbers(uid, &ids).await?.into_iter();
+        Ok(numbers
+            .iter()
+            .zip(bodies)
+            .map(|(&number, body)| body.is_some() && named.next().flatten() == Some(number))
+            .collect())
+    }
+
     pub async fn thumbnails(&self, uid: u64, numbers: &[u32]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         self.mget(numbers.iter().map(|&n| keys::item(uid, n, Part::Thumbnail)).collect()).await
     }

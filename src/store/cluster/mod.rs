@@ -96,7 +96,6 @@ pub struct AckReport {
 pub struct ClusterStore {
     connection: ClusterConnection,
     ack: AckPolicy,
-    seeds: Vec<String>,
     /// Which primary serves each slot, to send a batch's commands in one pipeline per primary.
     slots: std::sync::Arc<slots::SharedSlotMap>,
 }
@@ -136,7 +135,7 @@ impl ClusterStore {
     /// servers can give the acknowledgement asked for.
     pub async fn connect(url: &str, ack: AckPolicy) -> Result<Self, StoreError> {
         let seeds = seed_nodes(url)?;
-        let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+        let client = redis::cluster::ClusterClientBuilder::new(seeds)
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(Duration::from_secs(10) + ack.timeout)
             // A failover takes the node timeout (seconds) to promote a replica: retries with
@@ -145,7 +144,7 @@ impl ClusterStore {
             .build()
             .map_err(backend)?;
         let connection = client.get_async_connection().await.map_err(backend)?;
-        let store = Self { connection, ack, seeds, slots: Default::default() };
+        let store = Self { connection, ack, slots: Default::default() };
         if ack.level == AckLevel::ReplicaFsync && !store.has_command("WAITAOF").await? {
             return Err(StoreError::Backend(
                 "--ack replica-fsync needs WAITAOF (Valkey, or Redis 7.2 or later); this cluster's servers lack it: \
@@ -154,15 +153,6 @@ impl ClusterStore {
             ));
         }
         Ok(store)
-    }
-
-    pub fn ack_policy(&self) -> AckPolicy {
-        self.ack
-    }
-
-    /// The seed nodes this store was opened with (`redis://h:p` each).
-    pub fn seeds(&self) -> &[String] {
-        &self.seeds
     }
 
     /// Runs one command (routed by the crate: by key, or to every primary for WAIT).

@@ -34,16 +34,20 @@ impl ClusterStore {
         let mut scan = self.scan(uid).await?;
         let mut removed = 0u64;
         while let Some(page) = scan.next_page().await? {
-            // One key per UNLINK (keys of several slots may not share one), sent concurrently.
+            // One key per UNLINK (keys of several slots may not share one), one pipeline per
+            // primary. The store's keys are UTF-8 (built from text).
             let unlinks = page
                 .into_iter()
                 .map(|key| {
+                    let key = String::from_utf8_lossy(&key).into_owned();
                     let mut cmd = redis::cmd("UNLINK");
-                    cmd.arg(key);
-                    cmd
+                    cmd.arg(&key);
+                    (key, cmd)
                 })
                 .collect();
-            removed += self.run_all::<u64>(unlinks).await?.iter().sum::<u64>();
+            for reply in self.run_grouped(unlinks).await? {
+                removed += redis::from_redis_value::<u64>(reply).unwrap_or(0);
+            }
         }
         Ok(removed)
     }
