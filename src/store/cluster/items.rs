@@ -78,8 +78,8 @@ impl ClusterStore {
             .collect();
 
         // Records: unseen until an id names them, so sent with the bucket entries, in one
-        // round trip (no order between them matters before the commit).
-        let records = &mut writes;
+        // round trip (no order between them matters before the commit). An item's parts share
+        // its slot: one MSET each (one command for the primary and its replicas, not four).
         for (item, &number) in items.iter().zip(&numbers) {
             let record = ItemRecord {
                 id: item.id.clone(),
@@ -87,14 +87,16 @@ impl ClusterStore {
                 metadata: item.metadata.clone(),
                 codes: Vec::new(),
             };
-            records.push(set_part(uid, number, Part::Codes, keys::encode_codes(&item.codes, &item.sketch)));
-            records.push(set_part(uid, number, Part::Record, record.encode_to_vec()));
+            let mut cmd = redis::cmd("MSET");
+            cmd.arg(keys::item(uid, number, Part::Codes)).arg(keys::encode_codes(&item.codes, &item.sketch));
+            cmd.arg(keys::item(uid, number, Part::Record)).arg(record.encode_to_vec());
             if let Some(vector) = &item.vector {
-                records.push(set_part(uid, number, Part::Vector, crate::store::keys::encode_f32s(vector)));
+                cmd.arg(keys::item(uid, number, Part::Vector)).arg(crate::store::keys::encode_f32s(vector));
             }
             if let Some(thumbnail) = &item.thumbnail {
-                records.push(set_part(uid, number, Part::Thumbnail, thumbnail.clone()));
+                cmd.arg(keys::item(uid, number, Part::Thumbnail)).arg(thumbnail.as_slice());
             }
+            writes.push((keys::item(uid, number, Part::Codes), cmd));
         }
         self.run_grouped(writes).await?;
         crate::failpoint::crash_point("cluster-records-written");
@@ -208,25 +210,31 @@ impl ClusterStore {
             .collect()
     }
 
-    /// The records of these items (`None`: no such item), with their embeddings when asked.
+    /// The records of these items (`None`: no such item), with their embeddings when asked:
+    /// one `MGET` per item (its parts share a slot).
     pub async fn bodies(&self, uid: u64, numbers: &[u32], vectors: bool) -> Result<Vec<Option<ItemBody>>, StoreError> {
-        let per_item = if vectors { 2 } else { 1 };
-        let mut keys = Vec::with_capacity(numbers.len() * per_item);
-        for &number in numbers {
-            keys.push(keys::item(uid, number, Part::Record));
-            if vectors {
-                keys.push(keys::item(uid, number, Part::Vector));
-            }
-        }
-        let values = self.mget(keys).await?;
+        let gets = numbers
+            .iter()
+            .map(|&number| {
+                let key = keys::item(uid, number, Part::Record);
+                let mut cmd = redis::cmd("MGET");
+                cmd.arg(&key);
+                if vectors {
+                    cmd.arg(keys::item(uid, number, Part::Vector));
+                }
+                (key, cmd)
+            })
+            .collect();
+        let values: Vec<Vec<Option<Vec<u8>>>> = decode_all(self.run_grouped(gets).await?)?;
         let mut bodies = Vec::with_capacity(numbers.len());
-        for chunk in values.chunks(per_item) {
-            let Some(record) = &chunk[0] else {
+        for parts in values {
+            let mut parts = parts.into_iter();
+            let Some(record) = parts.next().flatten() else {
                 bodies.push(None);
                 continue;
             };
             let record = ItemRecord::decode(record.as_slice())?;
-            let vector = chunk.get(1).and_then(|v| v.as_deref()).map(crate::store::keys::decode_f32s);
+            let vector = parts.next().flatten().map(|v| crate::store::keys::decode_f32s(&v));
             bodies.push(Some(ItemBody { id: record.id, label: record.label, metadata: record.metadata, vector }));
         }
         Ok(bodies)
@@ -300,14 +308,6 @@ if current >= number then return {current, 0} end
 redis.call('SET', KEYS[1], ARGV[1])
 return {current, 1}
 "#;
-
-/// `SET` of one part of an item, with its key.
-fn set_part(uid: u64, number: u32, part: Part, value: Vec<u8>) -> (String, redis::Cmd) {
-    let key = keys::item(uid, number, part);
-    let mut cmd = redis::cmd("SET");
-    cmd.arg(&key).arg(value);
-    (key, cmd)
-}
 
 /// Replies as values of one type; one of another type is damage.
 fn decode_all<T: redis::FromRedisValue>(replies: Vec<redis::Value>) -> Result<Vec<T>, StoreError> {
