@@ -265,6 +265,16 @@ async fn check_cluster(url: &str, repair: bool, grace: Duration) -> anyhow::Resu
             unrepaired += p.dangling_ids + p.missing_entries + u64::from(p.count.is_some());
         }
     }
+    // Keys no catalog entry leads to (a create that stopped, writes racing a drop): invisible
+    // too, memory only.
+    let leftovers = store.check_uncatalogued(repair, grace).await?;
+    if leftovers.found.is_empty() {
+        println!("keys without a catalog entry: none");
+    } else {
+        let uids: Vec<String> = leftovers.found.iter().map(|l| format!("{} under uid {}", l.keys, l.uid)).collect();
+        let removed = if repair { format!("; {} removed", leftovers.removed) } else { String::new() };
+        println!("keys without a catalog entry: {}{removed}", uids.join(", "));
+    }
     if unrepaired > 0 {
         println!("{unrepaired} problems found; `--repair` fixes what can be fixed");
         std::process::exit(2);

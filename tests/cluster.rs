@@ -1,6 +1,7 @@
 //! The cluster store (`serve --store redis://…`) against a real 3+3 Valkey/Redis Cluster on
 //! loopback: the same service contract as the embedded store (one suite, run on both), two
-//! replicas sharing one index, a primary and a replica killed mid-ingest, and `check`.
+//! replicas sharing one index, a primary and a replica killed mid-ingest, a create and an ingest
+//! killed halfway, and `check`.
 
 mod common;
 
@@ -293,6 +294,50 @@ async fn an_ingest_killed_before_its_commit_leaves_nothing_visible_and_check_rep
     assert!(after.contains("0 orphan records, 0 stale entries, 0 ids without records, 0 missing entries"), "{after}");
     let info = client.get_index(proto::GetIndexRequest { name: "o".into() }).await.expect("get index").into_inner();
     assert_eq!(info.items, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_killed_before_its_catalog_entry_leaves_keys_that_check_repair_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(&dir.path().join("cluster"), "everysec");
+    let server = cluster_server(&dir.path().join("a"), &cluster, &[]);
+    let mut client = server.client().await;
+    create(&mut client, "kept", DIM as u32, 8, 8).await;
+    let vectors = clustered(40, DIM, 4, 0.05, 9);
+    let items = vectors.iter().enumerate().map(|(i, v)| vector_item(format!("k{i}"), "", v)).collect();
+    ingest(&mut client, vec![batch("kept", 1, items)]).await.expect("ingest");
+
+    // Another replica dies after writing an index's matrices, before its catalog entry.
+    let mut crashing = TestServer::start_with_env(
+        &dir.path().join("b"),
+        &["--no-model", "--store", &cluster.url],
+        &[("IMAGELSH_CRASH_AT", "cluster-create-matrices-written:1")],
+    );
+    let created = crashing
+        .client()
+        .await
+        .create_index(proto::CreateIndexRequest { name: "lost".into(), dim: DIM as u32, ..Default::default() })
+        .await;
+    assert!(created.is_err(), "the crash answers no create");
+    crashing.wait_exit(Duration::from_secs(10)).expect("the server crashed");
+    let err = client.get_index(proto::GetIndexRequest { name: "lost".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Found by the pass over every key (no catalog entry leads to them), no damage.
+    let before = check(&cluster, false);
+    let text = String::from_utf8_lossy(&before.stdout).to_string();
+    assert!(before.status.success(), "{text}");
+    assert!(text.contains("keys without a catalog entry: ") && text.contains(" under uid "), "{text}");
+    let repaired = String::from_utf8_lossy(&check(&cluster, true).stdout).to_string();
+    assert!(repaired.contains("removed") && !repaired.contains("; 0 removed"), "{repaired}");
+    let after = String::from_utf8_lossy(&check(&cluster, false).stdout).to_string();
+    assert!(after.contains("keys without a catalog entry: none"), "{after}");
+    // The catalogued index kept every key.
+    assert!(after.contains("\"kept\": 40 items") && after.contains("0 orphan records, 0 stale entries"), "{after}");
+    let hits = client.query(query_vector("kept", &vectors[3], 5)).await.expect("query").into_inner().hits;
+    assert_eq!(hits[0].id, "k3");
+    // The name was never taken: it can be created.
+    create(&mut client, "lost", DIM as u32, 8, 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,6 +78,20 @@ pub fn id(uid: u64, id: &str) -> String {
     format!("lsh:{uid}:k:{{}}{id}")
 }
 
+/// The uid of an index's key (`lsh:<uid>:…`); `None` for the store's own keys (catalog, uid
+/// counter) and anything else.
+pub fn uid_of(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(b"lsh:")?;
+    let digits = &rest[..rest.iter().position(|&b| b == b':')?];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Every key of the store (a scan's pattern).
+pub const ALL_KEYS: &str = "lsh:*";
+
 /// What a key of an index is, read back from a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyKind {
@@ -159,6 +173,16 @@ mod tests {
         // Another index's keys, even one whose uid starts the same.
         assert_eq!(parse(7, bucket(71, 0, 1).as_bytes()), None);
         assert_eq!(parse(7, item(71, 1, Part::Codes).as_bytes()), None);
+    }
+
+    #[test]
+    fn every_index_key_names_its_uid_and_the_stores_own_keys_none() {
+        for key in [bucket(12, 3, 0xabc), item(12, 1, Part::Vector), id(12, "7:x"), hyperplanes(12), count(12)] {
+            assert_eq!(uid_of(key.as_bytes()), Some(12), "{key}");
+        }
+        for key in [CATALOG, UIDS, "lsh::x", "lsh:+1:x", "lsh:1", "other:1:x"] {
+            assert_eq!(uid_of(key.as_bytes()), None, "{key}");
+        }
     }
 
     #[test]

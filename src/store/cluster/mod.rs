@@ -22,6 +22,7 @@ mod items;
 pub mod keys;
 mod nodes;
 mod slots;
+mod uncatalogued;
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use redis::{Cmd, FromRedisValue, RedisError};
 
 pub use check::{ClusterCheck, ClusterProblems};
 pub use items::{ItemBody, ItemCodes, SharedWrite, WriteReport};
+pub use uncatalogued::{Uncatalogued, UncataloguedCheck};
 
 use super::{IndexDef, IndexParams, StoreError, def_of, record_of};
 use crate::storage_proto::IndexRecord;
@@ -199,6 +201,7 @@ impl ClusterStore {
         }
         self.run_all::<()>(sets).await?;
         self.acknowledge().await?;
+        crate::failpoint::crash_point("cluster-create-matrices-written");
         let record = record_of(def, uid).encode_to_vec();
         let created: bool = self.run(redis::cmd("HSETNX").arg(keys::CATALOG).arg(&def.name).arg(&record)).await?;
         if !created {

@@ -25,8 +25,13 @@ impl ClusterStore {
 
     /// The keys of index `uid`, a page at a time, primary by primary.
     pub(super) async fn scan(&self, uid: u64) -> Result<KeyScan, StoreError> {
+        self.scan_matching(format!("{}*", glob_escape(&keys::prefix(uid)))).await
+    }
+
+    /// The keys matching a `SCAN` pattern, a page at a time, primary by primary.
+    pub(super) async fn scan_matching(&self, pattern: String) -> Result<KeyScan, StoreError> {
         let nodes = self.primaries().await?;
-        Ok(KeyScan { nodes, cursor: None, pattern: format!("{}*", glob_escape(&keys::prefix(uid))) })
+        Ok(KeyScan { nodes, cursor: None, pattern })
     }
 
     /// Removes every key of index `uid` (after its catalog entry is gone); returns how many.
