@@ -297,6 +297,60 @@ async fn an_ingest_killed_before_its_commit_leaves_nothing_visible_and_check_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_sent_again_after_a_delete_does_not_bring_the_id_back() {
+    use imagelsh::store::cluster::{commit_command, keys};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(&dir.path().join("cluster"), "everysec");
+    let server = cluster_server(&dir.path().join("a"), &cluster, &[]);
+    let mut client = server.client().await;
+    create(&mut client, "t", DIM as u32, 8, 8).await;
+    let vectors = clustered(10, DIM, 2, 0.05, 3);
+    let items: Vec<_> = vectors.iter().enumerate().map(|(i, v)| vector_item(format!("d{i}"), "", v)).collect();
+    ingest(&mut client, vec![batch("t", 1, items.clone())]).await.expect("ingest");
+
+    let seeds: Vec<String> =
+        cluster.url.trim_start_matches("redis://").split(',').map(|node| format!("redis://{node}")).collect();
+    let mut redis = redis::cluster::ClusterClient::new(seeds).unwrap().get_async_connection().await.unwrap();
+    // The first index of a new cluster has uid 1.
+    let key = keys::id(1, "d0");
+    let get = |redis: &mut redis::cluster_async::ClusterConnection| {
+        let key = key.clone();
+        let mut redis = redis.clone();
+        async move { redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut redis).await.unwrap() }
+    };
+    let number: u32 = get(&mut redis).await.expect("d0 is named").parse().unwrap();
+
+    let deleted = client
+        .delete(proto::DeleteRequest { index: "t".into(), ids: vec!["d0".into()] })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(deleted.deleted, 1);
+    assert_eq!(get(&mut redis).await, Some(format!("-{number}")), "a tombstone");
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut redis).await.unwrap();
+    assert!(ttl > 0 && ttl <= keys::TOMBSTONE_SECS as i64, "{ttl}");
+
+    // The acknowledged batch's commit of d0 arrives again (a reply lost, a pipeline re-sent).
+    let (held, set): (i64, i64) = commit_command(1, "d0", number).query_async(&mut redis).await.unwrap();
+    assert_eq!((held, set), (-i64::from(number), 0), "the tombstone refuses it");
+    assert!(found(&mut client, "t", &["d0".into()]).await.items.is_empty(), "d0 stays deleted");
+    let hits = client.query(query_vector("t", &vectors[0], 10)).await.expect("query").into_inner().hits;
+    assert!(hits.iter().all(|h| h.id != "d0"), "{hits:?}");
+    let info = client.get_index(proto::GetIndexRequest { name: "t".into() }).await.expect("get index").into_inner();
+    assert_eq!(info.items, 9);
+
+    // Ingested again, the id is taken by its new item, and the key keeps no expiry.
+    ingest(&mut client, vec![batch("t", 2, items[..1].to_vec())]).await.expect("ingest again");
+    assert_eq!(found(&mut client, "t", &["d0".into()]).await.items.len(), 1);
+    let again: u32 = get(&mut redis).await.expect("d0 is named").parse().unwrap();
+    assert!(again > number);
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_eq!(ttl, -1);
+    let info = client.get_index(proto::GetIndexRequest { name: "t".into() }).await.expect("get index").into_inner();
+    assert_eq!(info.items, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_killed_before_its_catalog_entry_leaves_keys_that_check_repair_removes() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(&dir.path().join("cluster"), "everysec");

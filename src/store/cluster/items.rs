@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use prost::Message;
 
-use super::keys::{self, Part};
+use super::keys::{self, IdValue, Part};
 use super::{AckReport, ClusterStore};
 use crate::storage_proto::ItemRecord;
 use crate::store::StoreError;
@@ -101,18 +101,14 @@ impl ClusterStore {
         self.run_grouped(writes).await?;
         crate::failpoint::crash_point("cluster-records-written");
 
-        // The commit: each id names its new item unless it names a newer one already (a
-        // compare-and-set, so that a commit sent twice, by a retry after a lost reply or a
-        // pipeline re-sent after a moved slot, changes nothing the second time).
+        // The commit: each id names its new item unless it names a newer one already, or a
+        // delete left a tombstone of a newer one (a compare-and-set, so that a commit sent
+        // twice, by a retry after a lost reply or a pipeline re-sent after a moved slot,
+        // changes nothing the second time, even after a delete of the id in between).
         let commits = items
             .iter()
             .zip(&numbers)
-            .map(|(item, &number)| {
-                let key = keys::id(uid, &item.id);
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(COMMIT).arg(1).arg(&key).arg(number);
-                (key, cmd)
-            })
+            .map(|(item, &number)| (keys::id(uid, &item.id), commit_command(uid, &item.id, number)))
             .collect();
         let outcomes: Vec<(i64, i64)> = decode_all(self.run_grouped(commits).await?)?;
         crate::failpoint::crash_point("cluster-ids-written");
@@ -121,12 +117,14 @@ impl ClusterStore {
         let mut added = 0i64;
         for (&(named, set), &number) in outcomes.iter().zip(&numbers) {
             match (set, named) {
-                (1, 0) => added += 1,
+                // New, or after a delete's tombstone.
+                (1, previous) if previous <= 0 => added += 1,
                 (1, previous) => replaced.push(previous as u32),
                 // Already ours (a repeated commit): what it replaced was counted the first time.
                 (_, current) if current == i64::from(number) => {}
-                // A newer item of this id was committed meanwhile (by another replica): ours
-                // was never visible.
+                // A newer item of this id was committed meanwhile (by another replica), or ours
+                // was committed and deleted since (the delete's tombstone): its records go
+                // (again; removing them twice is harmless).
                 _ => superseded.push(number),
             }
         }
@@ -143,13 +141,13 @@ impl ClusterStore {
             .iter()
             .map(|id| {
                 let key = keys::id(uid, id);
-                let mut cmd = redis::cmd("GETDEL");
-                cmd.arg(&key);
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(DELETE).arg(1).arg(&key).arg(keys::TOMBSTONE_SECS);
                 (key, cmd)
             })
             .collect();
-        let removed: Vec<Option<u32>> = decode_all(self.run_grouped(removals).await?)?;
-        let removed: Vec<u32> = removed.into_iter().flatten().collect();
+        let removed: Vec<i64> = decode_all(self.run_grouped(removals).await?)?;
+        let removed: Vec<u32> = removed.into_iter().filter(|&n| n > 0).map(|n| n as u32).collect();
         self.forget(uid, &removed, -(removed.len() as i64)).await?;
         let ack = self.acknowledge().await?;
         Ok((removed.len(), ack))
@@ -240,20 +238,16 @@ impl ClusterStore {
         Ok(bodies)
     }
 
-    /// The item number each id names now (`None`: none).
+    /// The item number each id names now (`None`: none, or deleted).
     pub async fn numbers(&self, uid: u64, ids: &[&str]) -> Result<Vec<Option<u32>>, StoreError> {
         let keys = ids.iter().map(|id| keys::id(uid, id)).collect();
         let values = self.mget(keys).await?;
         values
             .into_iter()
-            .map(|v| {
-                v.map(|bytes| {
-                    std::str::from_utf8(&bytes)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| StoreError::Corrupt(format!("an id key of uid {uid} holds no item number")))
-                })
-                .transpose()
+            .map(|value| match value.as_deref().map(keys::parse_id_value) {
+                None | Some(Some(IdValue::Deleted(_))) => Ok(None),
+                Some(Some(IdValue::Names(number))) => Ok(Some(number)),
+                Some(None) => Err(StoreError::Corrupt(format!("an id key of uid {uid} holds no item number"))),
             })
             .collect()
     }
@@ -299,14 +293,34 @@ impl ClusterStore {
     }
 }
 
-/// Sets the id key KEYS[1] to item ARGV[1] unless it names a newer (or the same) item; returns
-/// {the number it named before or 0, 1 if set else 0}.
+/// Sets the id key KEYS[1] to item ARGV[1] unless it names a newer (or the same) item or holds
+/// the tombstone of one; returns {what it held before (a number, a negated number for a
+/// tombstone, or 0), 1 if set else 0}. `SET` drops the tombstone's expiry.
 const COMMIT: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local number = tonumber(ARGV[1])
-if current >= number then return {current, 0} end
+if math.abs(current) >= number then return {current, 0} end
 redis.call('SET', KEYS[1], ARGV[1])
 return {current, 1}
+"#;
+
+/// The commit of one id: it names item `number` of index `uid` unless it names a newer one or
+/// holds a newer one's tombstone. Replies {what the key held (0: nothing; negative: a
+/// tombstone), 1 if set else 0}. Public so that a test can send a commit again, as a lost
+/// reply or a moved slot makes the crate do.
+pub fn commit_command(uid: u64, id: &str, number: u32) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(COMMIT).arg(1).arg(keys::id(uid, id)).arg(number);
+    cmd
+}
+
+/// Replaces the item number in the id key KEYS[1] by its tombstone for ARGV[1] seconds;
+/// returns the number it named, or 0 (none, or deleted already: a repeat changes nothing).
+const DELETE: &str = r#"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current <= 0 then return 0 end
+redis.call('SET', KEYS[1], -current, 'EX', ARGV[1])
+return current
 "#;
 
 /// Replies as values of one type; one of another type is damage.

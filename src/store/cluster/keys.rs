@@ -78,6 +78,29 @@ pub fn id(uid: u64, id: &str) -> String {
     format!("lsh:{uid}:k:{{}}{id}")
 }
 
+/// What an id key holds: the number of the item the id names, or, for a while after a delete,
+/// a tombstone (the deleted item's number, negated) that keeps a commit of that item or an
+/// older one, sent again after its reply was lost, from bringing the id back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdValue {
+    Names(u32),
+    Deleted(u32),
+}
+
+/// How long a delete's tombstone stays: far longer than any re-send of a commit (within one
+/// call: the crate's and the store's retries), short enough that deleted ids cost no memory
+/// for long.
+pub const TOMBSTONE_SECS: u64 = 3600;
+
+/// An id key's value (`None`: not one).
+pub fn parse_id_value(bytes: &[u8]) -> Option<IdValue> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    match text.strip_prefix('-') {
+        Some(deleted) => Some(IdValue::Deleted(deleted.parse().ok().filter(|&n| n > 0)?)),
+        None => Some(IdValue::Names(text.parse().ok().filter(|&n| n > 0)?)),
+    }
+}
+
 /// The uid of an index's key (`lsh:<uid>:…`); `None` for the store's own keys (catalog, uid
 /// counter) and anything else.
 pub fn uid_of(key: &[u8]) -> Option<u64> {
@@ -173,6 +196,15 @@ mod tests {
         // Another index's keys, even one whose uid starts the same.
         assert_eq!(parse(7, bucket(71, 0, 1).as_bytes()), None);
         assert_eq!(parse(7, item(71, 1, Part::Codes).as_bytes()), None);
+    }
+
+    #[test]
+    fn id_values_are_numbers_or_tombstones() {
+        assert_eq!(parse_id_value(b"42"), Some(IdValue::Names(42)));
+        assert_eq!(parse_id_value(b"-42"), Some(IdValue::Deleted(42)));
+        for bad in [&b""[..], b"-", b"0", b"-0", b"x", b"4294967296", b"--1", b"1-"] {
+            assert_eq!(parse_id_value(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

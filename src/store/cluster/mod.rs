@@ -32,7 +32,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError};
 
 pub use check::{ClusterCheck, ClusterProblems};
-pub use items::{ItemBody, ItemCodes, SharedWrite, WriteReport};
+pub use items::{ItemBody, ItemCodes, SharedWrite, WriteReport, commit_command};
 pub use uncatalogued::{Uncatalogued, UncataloguedCheck};
 
 use super::{IndexDef, IndexParams, StoreError, def_of, record_of};

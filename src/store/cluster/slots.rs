@@ -8,8 +8,9 @@
 //! then (and the crate re-sends a whole group to a MOVED target), so only commands that a
 //! repeat leaves right go this way: `GET`, `SET` of a record, `UNLINK`, `APPEND` of bucket
 //! entries (a repeated entry counts once per table, and `check --repair` removes it), the
-//! commit's compare-and-set (a repeat finds its own number and changes nothing), `GETDEL` (a
-//! repeat finds nothing: the delete reports fewer ids than it removed). Counters go alone.
+//! commit's compare-and-set (a repeat finds its own number, or the tombstone a delete left
+//! of it, and changes nothing), the delete's swap of a number for its tombstone (a repeat finds
+//! the tombstone: the delete reports fewer ids than it removed). Counters go alone.
 
 use std::sync::{Arc, RwLock};
 
