@@ -176,8 +176,6 @@ pub struct PlanRun {
     pub plans: std::collections::BTreeSet<&'static str>,
 }
 
-/// Sends `rows` as batches of `BATCH` over `rows / per_stream` concurrent streams to `addr`;
-/// returns the items acknowledged and the time until the last ack.
 /// Ingests `rows` over streams of `per_stream` rows each, stream `s` to server `addrs[s mod n]`;
 /// returns the items acknowledged and the time.
 pub async fn ingest_all(addrs: &[&str], rows: &[&[f32]], per_stream: usize) -> (usize, Duration) {

@@ -22,12 +22,7 @@ impl Index {
             .map(|item| {
                 let mut r = by_number[&item.number];
                 if let Some(probed) = probed {
-                    r.votes = item
-                        .codes
-                        .iter()
-                        .zip(probed)
-                        .filter(|(code, visited)| visited.binary_search(code).is_ok())
-                        .count() as u32;
+                    r.votes = votes_of(&item.codes, probed);
                 }
                 Hit {
                     id: item.id,
@@ -39,10 +34,20 @@ impl Index {
                 }
             })
             .collect();
-        hits.sort_by(|a, b| {
-            b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)).then_with(|| a.id.cmp(&b.id))
-        });
-        hits.truncate(top_k);
+        rank_hits(&mut hits, top_k);
         Ok(hits)
     }
+}
+
+/// The best `top_k` hits in answer order: similarity, then votes, then id (both stores).
+pub(super) fn rank_hits(hits: &mut Vec<Hit>, top_k: usize) {
+    hits.sort_by(|a, b| {
+        b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)).then_with(|| a.id.cmp(&b.id))
+    });
+    hits.truncate(top_k);
+}
+
+/// The tables in which an item's code is one the query visits (`probed`: each table's sorted).
+pub(super) fn votes_of(codes: &[u64], probed: &[Vec<u64>]) -> u32 {
+    codes.iter().zip(probed).filter(|(code, visited)| visited.binary_search(code).is_ok()).count() as u32
 }

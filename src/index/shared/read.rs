@@ -3,6 +3,7 @@
 //! here, and votes are counted from the codes); the records (and embeddings) of the best; the
 //! id keys that say which of those are live.
 
+use super::super::hits::{rank_hits, votes_of};
 use super::*;
 use crate::store::cluster::ItemBody;
 
@@ -186,10 +187,7 @@ impl SharedIndex {
                 })
             })
             .collect();
-        hits.sort_by(|a, b| {
-            b.similarity.total_cmp(&a.similarity).then(b.votes.cmp(&a.votes)).then_with(|| a.id.cmp(&b.id))
-        });
-        hits.truncate(top_k);
+        rank_hits(&mut hits, top_k);
         Ok(hits)
     }
 
@@ -236,9 +234,4 @@ struct Contender {
     number: u32,
     votes: u32,
     sketch: Vec<u64>,
-}
-
-/// The tables in which an item's code is one the query visits (`probed`: each table's sorted).
-fn votes_of(codes: &[u64], probed: &[Vec<u64>]) -> u32 {
-    codes.iter().zip(probed).filter(|(code, visited)| visited.binary_search(code).is_ok()).count() as u32
 }
