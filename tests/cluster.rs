@@ -331,7 +331,7 @@ async fn a_commit_sent_again_after_a_delete_does_not_bring_the_id_back() {
     assert!(ttl > 0 && ttl <= keys::TOMBSTONE_SECS as i64, "{ttl}");
 
     // The acknowledged batch's commit of d0 arrives again (a reply lost, a pipeline re-sent).
-    let (held, set): (i64, i64) = commit_command(1, "d0", number).query_async(&mut redis).await.unwrap();
+    let (held, set): (i64, i64) = commit_command(&key, number).query_async(&mut redis).await.unwrap();
     assert_eq!((held, set), (-i64::from(number), 0), "the tombstone refuses it");
     assert!(found(&mut client, "t", &["d0".into()]).await.items.is_empty(), "d0 stays deleted");
     let hits = client.query(query_vector("t", &vectors[0], 10)).await.expect("query").into_inner().hits;
@@ -348,6 +348,23 @@ async fn a_commit_sent_again_after_a_delete_does_not_bring_the_id_back() {
     assert_eq!(ttl, -1);
     let info = client.get_index(proto::GetIndexRequest { name: "t".into() }).await.expect("get index").into_inner();
     assert_eq!(info.items, 10);
+
+    // Damage: d0's records lost (as a failover losing them would). `check` reports an id
+    // without records; `--repair` leaves a tombstone in its place, and the count follows.
+    let mut unlink = redis::cmd("UNLINK");
+    for part in keys::Part::ALL {
+        unlink.arg(keys::item(1, again, part));
+    }
+    let _: i64 = unlink.query_async(&mut redis).await.unwrap();
+    let damaged = check(&cluster, false);
+    let text = String::from_utf8_lossy(&damaged.stdout).to_string();
+    assert!(!damaged.status.success() && text.contains("1 ids without records"), "{text}");
+    assert!(check(&cluster, true).status.success());
+    assert_eq!(get(&mut redis).await, Some(format!("-{again}")), "a tombstone");
+    let after = String::from_utf8_lossy(&check(&cluster, false).stdout).to_string();
+    assert!(after.contains("9 items") && after.contains("0 ids without records"), "{after}");
+    let info = client.get_index(proto::GetIndexRequest { name: "t".into() }).await.expect("get index").into_inner();
+    assert_eq!(info.items, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,7 +199,7 @@ impl ClusterStore {
         for (id, number) in &found.dangling {
             // Only if it still names that item: a client may have ingested the id again.
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(REMOVE_IF_NAMES).arg(1).arg(keys::id(uid, id)).arg(*number);
+            cmd.arg(REMOVE_IF_NAMES).arg(1).arg(keys::id(uid, id)).arg(*number).arg(keys::TOMBSTONE_SECS);
             cmds.push(cmd);
         }
         self.run_all::<redis::Value>(cmds).await?;
@@ -231,9 +231,13 @@ struct StaleEntry {
     duplicate: bool,
 }
 
-/// Deletes the id key KEYS[1] if it still names item ARGV[1].
+/// Replaces the id key KEYS[1] by a tombstone for ARGV[2] seconds if it still names item
+/// ARGV[1] (as a delete does: a late commit of that item cannot name it again).
 const REMOVE_IF_NAMES: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], '-' .. ARGV[1], 'EX', ARGV[2])
+  return 1
+end
 return 0
 "#;
 

@@ -87,8 +87,9 @@ impl ClusterStore {
                 metadata: item.metadata.clone(),
                 codes: Vec::new(),
             };
+            let key = keys::item(uid, number, Part::Codes);
             let mut cmd = redis::cmd("MSET");
-            cmd.arg(keys::item(uid, number, Part::Codes)).arg(keys::encode_codes(&item.codes, &item.sketch));
+            cmd.arg(&key).arg(keys::encode_codes(&item.codes, &item.sketch));
             cmd.arg(keys::item(uid, number, Part::Record)).arg(record.encode_to_vec());
             if let Some(vector) = &item.vector {
                 cmd.arg(keys::item(uid, number, Part::Vector)).arg(crate::store::keys::encode_f32s(vector));
@@ -96,7 +97,7 @@ impl ClusterStore {
             if let Some(thumbnail) = &item.thumbnail {
                 cmd.arg(keys::item(uid, number, Part::Thumbnail)).arg(thumbnail.as_slice());
             }
-            writes.push((keys::item(uid, number, Part::Codes), cmd));
+            writes.push((key, cmd));
         }
         self.run_grouped(writes).await?;
         crate::failpoint::crash_point("cluster-records-written");
@@ -108,7 +109,11 @@ impl ClusterStore {
         let commits = items
             .iter()
             .zip(&numbers)
-            .map(|(item, &number)| (keys::id(uid, &item.id), commit_command(uid, &item.id, number)))
+            .map(|(item, &number)| {
+                let key = keys::id(uid, &item.id);
+                let cmd = commit_command(&key, number);
+                (key, cmd)
+            })
             .collect();
         let outcomes: Vec<(i64, i64)> = decode_all(self.run_grouped(commits).await?)?;
         crate::failpoint::crash_point("cluster-ids-written");
@@ -146,11 +151,14 @@ impl ClusterStore {
                 (key, cmd)
             })
             .collect();
-        let removed: Vec<i64> = decode_all(self.run_grouped(removals).await?)?;
-        let removed: Vec<u32> = removed.into_iter().filter(|&n| n > 0).map(|n| n as u32).collect();
-        self.forget(uid, &removed, -(removed.len() as i64)).await?;
+        let outcomes: Vec<i64> = decode_all(self.run_grouped(removals).await?)?;
+        // A tombstone found (negative) may be this delete's own, run before its reply was
+        // lost: the item's records go all the same (again, if they went already), uncounted.
+        let removed = outcomes.iter().filter(|&&n| n > 0).count();
+        let gone: Vec<u32> = outcomes.iter().filter(|&&n| n != 0).map(|n| n.unsigned_abs() as u32).collect();
+        self.forget(uid, &gone, -(removed as i64)).await?;
         let ack = self.acknowledge().await?;
-        Ok((removed.len(), ack))
+        Ok((removed, ack))
     }
 
     /// Removes the records of items no id names any more (invisible already) and moves the
@@ -304,22 +312,23 @@ redis.call('SET', KEYS[1], ARGV[1])
 return {current, 1}
 "#;
 
-/// The commit of one id: it names item `number` of index `uid` unless it names a newer one or
-/// holds a newer one's tombstone. Replies {what the key held (0: nothing; negative: a
+/// The commit of one id (its key, `keys::id`): it names item `number` unless it names a newer
+/// one or holds a newer one's tombstone. Replies {what the key held (0: nothing; negative: a
 /// tombstone), 1 if set else 0}. Public so that a test can send a commit again, as a lost
 /// reply or a moved slot makes the crate do.
-pub fn commit_command(uid: u64, id: &str, number: u32) -> redis::Cmd {
+pub fn commit_command(id_key: &str, number: u32) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(COMMIT).arg(1).arg(keys::id(uid, id)).arg(number);
+    cmd.arg(COMMIT).arg(1).arg(id_key).arg(number);
     cmd
 }
 
 /// Replaces the item number in the id key KEYS[1] by its tombstone for ARGV[1] seconds;
-/// returns the number it named, or 0 (none, or deleted already: a repeat changes nothing).
+/// returns the number it named, the tombstone's (negative) when deleted already (a repeat
+/// changes nothing), or 0 when the id names nothing.
 const DELETE: &str = r#"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current <= 0 then return 0 end
-redis.call('SET', KEYS[1], -current, 'EX', ARGV[1])
+if current <= 0 then return current end
+redis.call('SET', KEYS[1], '-' .. current, 'EX', ARGV[1])
 return current
 "#;
 

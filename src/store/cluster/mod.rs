@@ -209,8 +209,21 @@ impl ClusterStore {
             self.remove_keys(uid).await?;
             return Err(StoreError::AlreadyExists(def.name.clone()));
         }
+        let index = ClusterIndex { def: def.clone(), uid, record };
+        // A create stalled past `check --repair`'s grace may have lost its matrices to it (keys
+        // no catalog entry named): then the entry goes too, rather than name an index without
+        // planes.
+        let planes: bool = self.run(redis::cmd("EXISTS").arg(keys::hyperplanes(uid))).await?;
+        if !planes {
+            self.drop_index(&index).await?;
+            return Err(StoreError::Unavailable(format!(
+                "index {:?}: its matrices were removed while it was being created (check --repair ran meanwhile); \
+                 create it again",
+                def.name
+            )));
+        }
         self.acknowledge().await?;
-        Ok(ClusterIndex { def: def.clone(), uid, record })
+        Ok(index)
     }
 
     /// The index of that name now (another replica may have dropped or re-created it).

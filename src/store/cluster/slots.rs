@@ -4,13 +4,15 @@
 //! single-key commands by the primary that serves their slot (from `CLUSTER SLOTS`), and sends
 //! each group through the crate, routed by its first key's slot. A group that meets a moved
 //! slot or a failover is answered with an error: the map is read again and the commands
-//! regrouped, a few times, before the batch fails. Groups already answered are sent again
-//! then (and the crate re-sends a whole group to a MOVED target), so only commands that a
-//! repeat leaves right go this way: `GET`, `SET` of a record, `UNLINK`, `APPEND` of bucket
+//! regrouped, a few times, before the batch fails. Groups that answered keep their replies
+//! and only the others are sent again, but a group whose connection broke may have run before
+//! its reply was lost (and the crate re-sends a whole group to a MOVED target), so only
+//! commands that a repeat leaves right go this way: `GET`, `SET` of a record, `UNLINK`, `APPEND` of bucket
 //! entries (a repeated entry counts once per table, and `check --repair` removes it), the
 //! commit's compare-and-set (a repeat finds its own number, or the tombstone a delete left
 //! of it, and changes nothing), the delete's swap of a number for its tombstone (a repeat finds
-//! the tombstone: the delete reports fewer ids than it removed). Counters go alone.
+//! the tombstone: the item's records are removed all the same, but the delete reports and
+//! counts fewer ids than it removed; `check --repair` recounts). Counters go alone.
 
 use std::sync::{Arc, RwLock};
 
@@ -107,42 +109,56 @@ impl ClusterStore {
     /// Runs single-key commands (each with its key) as one pipeline per primary, concurrently;
     /// the replies in order. A reply that is an error fails the call.
     pub(super) async fn run_grouped(&self, cmds: Vec<(String, Cmd)>) -> Result<Vec<Value>, StoreError> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
         let slots: Vec<u16> = cmds.iter().map(|(key, _)| slot_of(key.as_bytes())).collect();
+        let mut replies: Vec<Option<Value>> = vec![None; cmds.len()];
+        let mut unanswered: Vec<usize> = (0..cmds.len()).collect();
         let mut last_error = None;
         for round in 0..ROUNDS {
+            if unanswered.is_empty() {
+                break;
+            }
             let map = self.slot_map(round > 0).await?;
-            match self.send_grouped(&map, &cmds, &slots).await {
-                Ok(replies) => return Ok(replies),
-                Err(e) if is_redirect_or_lost(&e) => {
-                    tracing::debug!(error = %e, round, "cluster topology changed under a batch; regrouping");
-                    last_error = Some(e);
+            let failed = self.send_grouped(&map, &cmds, &slots, &unanswered, &mut replies).await.map_err(backend)?;
+            match failed {
+                Some(Unanswered { positions, error }) => {
+                    tracing::debug!(%error, round, "cluster topology changed under a batch; regrouping");
+                    unanswered = positions;
+                    last_error = Some(error);
                 }
-                Err(e) => return Err(backend(e)),
+                None => unanswered.clear(),
             }
         }
-        Err(last_error.map_or_else(|| StoreError::Unavailable("the cluster topology keeps changing".into()), backend))
+        if !unanswered.is_empty() {
+            return Err(last_error
+                .map_or_else(|| StoreError::Unavailable("the cluster topology keeps changing".into()), backend));
+        }
+        Ok(replies.into_iter().map(|reply| reply.unwrap_or(Value::Nil)).collect())
     }
 
+    /// Sends the commands at `positions`, one pipeline per primary, and keeps the replies of
+    /// the groups that answered; the groups that met a moved slot or a lost node come back
+    /// to be sent again (only they: a commit's or a delete's first reply says what it
+    /// changed, a repeat's would not). Any other error fails the call.
     async fn send_grouped(
         &self,
         map: &SlotMap,
         cmds: &[(String, Cmd)],
         slots: &[u16],
-    ) -> redis::RedisResult<Vec<Value>> {
+        positions: &[usize],
+        replies: &mut [Option<Value>],
+    ) -> redis::RedisResult<Option<Unanswered>> {
         // Per primary: its pipeline, the positions of its commands, a slot it serves.
         let mut groups: Vec<(redis::Pipeline, Vec<usize>, u16)> = Vec::new();
         let mut group_of: Vec<Option<usize>> = vec![None; map.nodes.len() + 1];
-        for (i, ((_, cmd), &slot)) in cmds.iter().zip(slots).enumerate() {
+        for &i in positions {
+            let slot = slots[i];
             // Slots no primary serves go together, to the slot's route (the crate finds one or fails).
             let owner = map.owner(slot).min(map.nodes.len() as u16) as usize;
             let g = *group_of[owner].get_or_insert_with(|| {
                 groups.push((redis::pipe(), Vec::new(), slot));
                 groups.len() - 1
             });
-            groups[g].0.add_command(cmd.clone());
+            groups[g].0.add_command(cmds[i].1.clone());
             groups[g].1.push(i);
         }
         let sends = groups.into_iter().map(|(pipe, positions, slot)| {
@@ -150,21 +166,39 @@ impl ClusterStore {
             async move {
                 let count = positions.len();
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
-                let replies = connection.route_pipeline(pipe, 0, count, route).await?;
-                Ok::<_, redis::RedisError>((positions, replies))
+                let answer = connection.route_pipeline(pipe, 0, count, route).await.and_then(|values| {
+                    match values.iter().find_map(|v| if let Value::ServerError(e) = v { Some(e.clone()) } else { None })
+                    {
+                        Some(e) => Err(e.into()),
+                        None => Ok(values),
+                    }
+                });
+                (positions, answer)
             }
         });
-        let mut out = vec![Value::Nil; cmds.len()];
-        for (positions, replies) in futures::future::try_join_all(sends).await? {
-            for (position, reply) in positions.into_iter().zip(replies) {
-                if let Value::ServerError(e) = reply {
-                    return Err(e.into());
+        let mut unanswered: Option<Unanswered> = None;
+        for (positions, answer) in futures::future::join_all(sends).await {
+            match answer {
+                Ok(values) => {
+                    for (position, value) in positions.into_iter().zip(values) {
+                        replies[position] = Some(value);
+                    }
                 }
-                out[position] = reply;
+                Err(error) if is_redirect_or_lost(&error) => match &mut unanswered {
+                    Some(u) => u.positions.extend(positions),
+                    None => unanswered = Some(Unanswered { positions, error }),
+                },
+                Err(error) => return Err(error),
             }
         }
-        Ok(out)
+        Ok(unanswered)
     }
+}
+
+/// The commands of a round whose groups met a moved slot or a lost node, and one such error.
+struct Unanswered {
+    positions: Vec<usize>,
+    error: redis::RedisError,
 }
 
 /// A slot served elsewhere now, or a node gone: worth reading the slot map again.

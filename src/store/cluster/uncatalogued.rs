@@ -27,7 +27,8 @@ pub struct UncataloguedCheck {
 impl ClusterStore {
     /// Scans every key of the store for uids the catalog does not name. With `repair`, the keys
     /// of each uid still unnamed after `grace` (read again: a create finishes its catalog entry
-    /// in milliseconds) are removed.
+    /// in milliseconds, and one stalled past the grace finds its matrices gone and undoes its
+    /// entry) are removed.
     pub async fn check_uncatalogued(&self, repair: bool, grace: Duration) -> Result<UncataloguedCheck, StoreError> {
         let mut per_uid: BTreeMap<u64, u64> = BTreeMap::new();
         let mut scan = self.scan_matching(keys::ALL_KEYS.to_string()).await?;
